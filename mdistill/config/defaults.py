@@ -1,0 +1,189 @@
+"""Every config key, declared once with its default and what it means.
+
+Key names follow mdistiller's ``mdistiller/engine/cfg.py`` so its YAML files
+load unchanged; keys it lacks (DATASET.ROOT, SOLVER.AMP, ...) are ours.
+"""
+from yacs.config import CfgNode as CN
+
+_C = CN()
+
+# ---------------------------------------------------------------- experiment
+_C.EXPERIMENT = CN()
+# Runs land in LOG.PREFIX/PROJECT/NAME/.
+_C.EXPERIMENT.PROJECT = "distill"
+# Run folder name; empty picks a readable one (method, teacher, student, seed).
+_C.EXPERIMENT.NAME = ""
+# Free-form tag kept from mdistiller (it named runs by it); shown in hparams.
+_C.EXPERIMENT.TAG = "default"
+# Seed for model init, data order and augmentation.
+_C.EXPERIMENT.SEED = 0
+
+# ------------------------------------------------------------------- dataset
+_C.DATASET = CN()
+# cifar100 | imagenet | digits | synthetic
+_C.DATASET.TYPE = "cifar100"
+# Folder holding cifar-100-python/ or imagenet/{train,val}.
+_C.DATASET.ROOT = "./data"
+# Download CIFAR-100 when its folder is missing.
+_C.DATASET.DOWNLOAD = True
+# DataLoader worker processes (folder datasets; in-memory ones need none).
+_C.DATASET.NUM_WORKERS = 2
+_C.DATASET.TEST = CN()
+# Global evaluation batch size.
+_C.DATASET.TEST.BATCH_SIZE = 64
+# Options of the synthetic dataset (smoke tests, benchmarks).
+_C.DATASET.SYNTHETIC = CN()
+_C.DATASET.SYNTHETIC.NUM_TRAIN = 1024
+_C.DATASET.SYNTHETIC.NUM_TEST = 256
+_C.DATASET.SYNTHETIC.NUM_CLASSES = 100
+_C.DATASET.SYNTHETIC.IMAGE_SIZE = 32
+
+# ----------------------------------------------------------------- distiller
+_C.DISTILLER = CN()
+# Method name in the DISTILLERS registry (NONE trains the student alone).
+_C.DISTILLER.TYPE = "NONE"
+# Model names (CIFAR or ImageNet family, picked by DATASET.TYPE).
+_C.DISTILLER.TEACHER = "ResNet50"
+_C.DISTILLER.STUDENT = "resnet32"
+# Teacher checkpoint path; empty means mdistiller's layout
+# download_ckpts/cifar_teachers/<TEACHER>_vanilla/ckpt_epoch_240.pth, or
+# torchvision's pretrained weights on ImageNet.
+_C.DISTILLER.TEACHER_WEIGHTS = ""
+
+# -------------------------------------------------------------------- solver
+_C.SOLVER = CN()
+# Kept for mdistiller's YAML files; mdistill has one trainer for every method.
+_C.SOLVER.TRAINER = "base"
+# Global batch size, split over the processes of a distributed run.
+_C.SOLVER.BATCH_SIZE = 64
+_C.SOLVER.EPOCHS = 240
+# Base learning rate.
+_C.SOLVER.LR = 0.05
+# multistep (mdistiller: LR x LR_DECAY_RATE at each stage) | cosine
+_C.SOLVER.LR_SCHEDULER = "multistep"
+# Epochs at which the multistep schedule decays the learning rate.
+_C.SOLVER.LR_DECAY_STAGES = [150, 180, 210]
+_C.SOLVER.LR_DECAY_RATE = 0.1
+_C.SOLVER.WEIGHT_DECAY = 0.0001
+_C.SOLVER.MOMENTUM = 0.9
+# Optimizer of the student and the method's modules: SGD | Adam | AdamW
+_C.SOLVER.TYPE = "SGD"
+# Mixed precision: none | bf16 | fp16 (fp16 needs CUDA; uses a GradScaler).
+_C.SOLVER.AMP = "none"
+# Train in the channels_last memory format.
+_C.SOLVER.CHANNELS_LAST = False
+# torch.compile the student and the teacher.
+_C.SOLVER.COMPILE = False
+# Convert BatchNorm to SyncBatchNorm in distributed runs.
+_C.SOLVER.SYNC_BN = False
+# Deterministic algorithms, so two runs with one seed give identical losses.
+_C.SOLVER.DETERMINISTIC = False
+# How many steps with a non-finite loss may be skipped before the run stops
+# (0: stop at the first one).
+_C.SOLVER.SKIP_NONFINITE_STEPS = 0
+
+# -------------------------------------------------------------------- device
+# auto (CUDA when available) | cpu | cuda | cuda:N
+_C.DEVICE = "auto"
+
+# ----------------------------------------------------------------------- log
+_C.LOG = CN()
+# Log per-iteration losses every this many steps.
+_C.LOG.TENSORBOARD_FREQ = 500
+# Keep an epoch_<N> checkpoint every this many epochs.
+_C.LOG.SAVE_CHECKPOINT_FREQ = 40
+# Also write the resumable checkpoint every this many iterations (0: off).
+_C.LOG.SAVE_EVERY_N_ITERS = 0
+# Root folder of all runs.
+_C.LOG.PREFIX = "./output"
+# Also log to Weights & Biases (a warning when wandb is not installed).
+_C.LOG.WANDB = False
+
+# ----------------------------------------------------------------- methods
+# Vanilla knowledge distillation (Hinton et al. 2015).
+_C.KD = CN()
+_C.KD.TEMPERATURE = 4.0
+_C.KD.LOSS = CN()
+_C.KD.LOSS.CE_WEIGHT = 0.1
+_C.KD.LOSS.KD_WEIGHT = 0.9
+
+# FitNets hints (Romero et al. 2015).
+_C.FITNET = CN()
+# Index into feats["feats"] used as the hint.
+_C.FITNET.HINT_LAYER = 2
+# Kept for mdistiller's YAML files; shapes are probed from the models.
+_C.FITNET.INPUT_SIZE = (32, 32)
+_C.FITNET.LOSS = CN()
+_C.FITNET.LOSS.CE_WEIGHT = 1.0
+_C.FITNET.LOSS.FEAT_WEIGHT = 100.0
+
+# Attention transfer (Zagoruyko & Komodakis 2017).
+_C.AT = CN()
+_C.AT.P = 2
+_C.AT.LOSS = CN()
+_C.AT.LOSS.CE_WEIGHT = 1.0
+_C.AT.LOSS.FEAT_WEIGHT = 1000.0
+
+# Relational KD (Park et al. 2019).
+_C.RKD = CN()
+_C.RKD.DISTANCE_WEIGHT = 25.0
+_C.RKD.ANGLE_WEIGHT = 50.0
+_C.RKD.LOSS = CN()
+_C.RKD.LOSS.CE_WEIGHT = 1.0
+_C.RKD.LOSS.FEAT_WEIGHT = 1.0
+_C.RKD.PDIST = CN()
+_C.RKD.PDIST.EPSILON = 1e-12
+_C.RKD.PDIST.SQUARED = False
+
+# Contrastive representation distillation (Tian et al. 2020).
+_C.CRD = CN()
+# exact: the positive is the sample itself; relax: a same-class sample.
+_C.CRD.MODE = "exact"
+_C.CRD.FEAT = CN()
+# Embedding width.
+_C.CRD.FEAT.DIM = 128
+# Input widths; ignored (probed from the models' pooled features), kept so
+# mdistiller's YAML files load.
+_C.CRD.FEAT.STUDENT_DIM = 256
+_C.CRD.FEAT.TEACHER_DIM = 256
+_C.CRD.LOSS = CN()
+_C.CRD.LOSS.CE_WEIGHT = 1.0
+_C.CRD.LOSS.FEAT_WEIGHT = 0.8
+_C.CRD.NCE = CN()
+# Negatives per sample.
+_C.CRD.NCE.K = 16384
+# Momentum of the memory-bank update.
+_C.CRD.NCE.MOMENTUM = 0.5
+_C.CRD.NCE.TEMPERATURE = 0.07
+
+# Adversarial KD: a discriminator tells teacher logits from student logits.
+_C.ADVKD = CN()
+_C.ADVKD.TEMPERATURE = 4.0
+_C.ADVKD.LOSS = CN()
+_C.ADVKD.LOSS.CE_WEIGHT = 0.1
+_C.ADVKD.LOSS.KD_WEIGHT = 0.9
+# Weight of the student's adversarial loss after warm-up.
+_C.ADVKD.LOSS.ADV_WEIGHT = 0.5
+# The adversarial weight ramps linearly from 0 over this many epochs.
+_C.ADVKD.ADV_WARMUP_EPOCHS = 20
+# What the discriminator sees: logits | probs | feature (pooled feature
+# through a linear adapter to the number of classes).
+_C.ADVKD.INPUT = "logits"
+# bce | lsgan | hinge
+_C.ADVKD.GAN_LOSS = "bce"
+# Discriminator steps per student step.
+_C.ADVKD.D_STEPS = 1
+# Target for "real" in the discriminator loss (< 1: one-sided smoothing).
+_C.ADVKD.REAL_LABEL = 1.0
+_C.ADVKD.DISC = CN()
+_C.ADVKD.DISC.HIDDEN = [256, 128]
+_C.ADVKD.DISC.SPECTRAL_NORM = False
+_C.ADVKD.DISC_OPT = CN()
+_C.ADVKD.DISC_OPT.LR = 1e-4
+_C.ADVKD.DISC_OPT.BETAS = (0.5, 0.999)
+_C.ADVKD.DISC_OPT.WEIGHT_DECAY = 0.0
+
+
+def get_cfg():
+    """Return a fresh, mutable copy of the defaults."""
+    return _C.clone()

@@ -1,0 +1,25 @@
+"""Distillation methods; importing this package registers every one of them."""
+from ..registry import DISTILLERS
+from .base import Distiller, kd_loss, probe_features
+from . import vanilla, kd  # noqa: F401  (registration)
+
+__all__ = ["DISTILLERS", "Distiller", "build_distiller", "kd_loss", "probe_features"]
+
+
+def build_distiller(cfg, student, teacher=None, data_info=None):
+    """Build the method named by ``cfg.DISTILLER.TYPE``.
+
+    Args:
+        cfg: the experiment config.
+        student: the student model.
+        teacher: the teacher model (None for methods with ``requires_teacher = False``).
+        data_info: the training data's description (``num_classes``,
+            ``train_targets``, ``image_size``), e.g. a
+            :class:`mdistill.data.DatasetSplits`.
+
+    Raises:
+        UserError: the method name is unknown (the valid ones are listed).
+    """
+    method = DISTILLERS.get(cfg.DISTILLER.TYPE)
+    return method.from_config(cfg, student, teacher if method.requires_teacher else None,
+                              data_info)

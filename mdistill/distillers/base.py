@@ -1,0 +1,199 @@
+"""The Distiller base class: what every method declares to the one trainer."""
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class Distiller(nn.Module):
+    """A student trained against a frozen teacher.
+
+    Subclasses implement :meth:`forward_train` and a ``from_config``
+    classmethod that maps config keys to constructor keyword arguments.
+    Everything that makes a method special is declared here and read by the
+    trainer, which never names a method:
+
+    * extra trainable modules: plain submodules (not the teacher) are
+      optimised with the student and saved in the run checkpoint;
+    * extra batch fields: :meth:`extra_batch_fields` (CRD's negatives);
+    * a second optimizer: :meth:`auxiliary_optimizers` (a GAN discriminator),
+      stepped by the method itself, scheduled and checkpointed by the trainer;
+    * state that distributed training must not broadcast or reduce:
+      :meth:`ddp_ignored_names` (memory banks, the discriminator);
+    * per-step diagnostics: :meth:`pop_diagnostics`.
+
+    Example::
+
+        @DISTILLERS.register("MINE")
+        class Mine(Distiller):
+            def __init__(self, student, teacher, weight=1.0):
+                super().__init__(student, teacher)
+                self.weight = weight
+
+            @classmethod
+            def from_config(cls, cfg, student, teacher, data_info=None):
+                return cls(student, teacher, weight=cfg.MINE.WEIGHT)
+
+            def forward_train(self, image, target, **batch):
+                logits, _ = self.student(image)
+                with torch.no_grad():
+                    teacher_logits, _ = self.teacher(image)
+                return logits, {"loss_ce": F.cross_entropy(logits, target),
+                                "loss_mine": self.weight * (logits - teacher_logits).pow(2).mean()}
+
+    Args:
+        student: the model being trained; ``student(x)`` returns ``(logits, feats)``.
+        teacher: the frozen model, or None for methods without one.
+    """
+
+    #: False for methods that train the student alone (the teacher is not built).
+    requires_teacher = True
+
+    def __init__(self, student, teacher=None):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        self._diagnostics = {}
+        self.epoch = 0
+
+    @classmethod
+    def from_config(cls, cfg, student, teacher, data_info=None):
+        """Build the method from ``cfg``; ``data_info`` has num_train, num_classes,
+        train_targets (see :func:`mdistill.distillers.build_distiller`)."""
+        return cls(student, teacher)
+
+    # ------------------------------------------------------------ training mode
+    def train(self, mode=True):
+        """Set train/eval mode on everything except the teacher, which stays in eval."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def trainable_named_modules(self):
+        """Top-level submodules trained by the student's optimizer (all but the teacher
+        and the modules an auxiliary optimizer owns)."""
+        skip = {"teacher"} | set(self.auxiliary_module_names())
+        return [(name, module) for name, module in self.named_children() if name not in skip]
+
+    def get_learnable_parameters(self):
+        """Parameters of the student and of the method's own modules."""
+        return [param for _, module in self.trainable_named_modules()
+                for param in module.parameters() if param.requires_grad]
+
+    def get_extra_parameters(self):
+        """Number of trainable parameters the method adds to the student's."""
+        return sum(param.numel() for name, module in self.trainable_named_modules()
+                   if name != "student" for param in module.parameters())
+
+    # --------------------------------------------------------------- forward
+    def forward_train(self, image, target, **batch):
+        """One training forward.
+
+        Returns:
+            ``(student_logits, {"loss_name": weighted scalar loss, ...})``; the
+            trainer sums the losses and logs each under ``train/<name>``.
+        """
+        raise NotImplementedError
+
+    def forward_test(self, image):
+        """Student logits for evaluation."""
+        return self.student(image)[0]
+
+    def forward(self, image, target=None, **batch):
+        if self.training:
+            return self.forward_train(image, target, **batch)
+        return self.forward_test(image)
+
+    def teacher_forward(self, image):
+        """The teacher's ``(logits, feats)`` without autograd."""
+        with torch.no_grad():
+            return self.teacher(image)
+
+    # ---------------------------------------------------------- declarations
+    def extra_batch_fields(self):
+        """``{name: fn(index, target) -> tensor}`` the data loader adds to each
+        training batch; passed to :meth:`forward_train` as keyword arguments."""
+        return {}
+
+    def auxiliary_module_names(self):
+        """Names of submodules optimised by :meth:`auxiliary_optimizers`, not the
+        student's optimizer."""
+        return []
+
+    def auxiliary_optimizers(self):
+        """``{name: optimizer}`` the method steps itself inside forward_train.
+
+        The trainer schedules their learning rate with the student's schedule
+        (from their own base lr) and saves and restores their state.
+        """
+        return {}
+
+    def ddp_ignored_names(self):
+        """Parameter and buffer names DistributedDataParallel must leave alone.
+
+        The teacher is never synchronised; subclasses add state they keep in
+        step across processes themselves (memory banks, a discriminator whose
+        gradients they average).
+        """
+        if self.teacher is None:
+            return []
+        names = [f"teacher.{name}" for name, _ in self.teacher.named_parameters()]
+        return names + [f"teacher.{name}" for name, _ in self.teacher.named_buffers()]
+
+    def on_epoch_start(self, epoch):
+        """Called by the trainer before each epoch (1-based), e.g. for warm-ups."""
+        self.epoch = epoch
+
+    def log_diagnostic(self, name, value):
+        """Record a scalar for TensorBoard under ``<method>/<name>``."""
+        self._diagnostics[name] = float(value)
+
+    def pop_diagnostics(self):
+        """Return and clear the diagnostics recorded since the last call."""
+        diagnostics, self._diagnostics = self._diagnostics, {}
+        return diagnostics
+
+    def state_dict_to_save(self):
+        """Everything to checkpoint except the teacher (it never changes)."""
+        return {key: value for key, value in self.state_dict().items()
+                if not key.startswith("teacher.")}
+
+    def load_saved_state(self, state):
+        """Load a dict written by :meth:`state_dict_to_save`."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [key for key in missing if not key.startswith("teacher.")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not match the distiller: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+
+
+def kd_loss(student_logits, teacher_logits, temperature):
+    """Hinton's KD loss: KL(softmax(t/T) || softmax(s/T)) summed over classes,
+    averaged over the batch, times T^2; computed in fp32."""
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature ** 2
+
+
+@torch.no_grad()
+def probe_features(model, image_shape, device=None):
+    """Run ``model`` once on zeros in eval mode to learn its feature shapes.
+
+    The model's train/eval mode and BN statistics are left as they were
+    (mdistiller probed in train mode, which moved the teacher's BN statistics).
+
+    Returns:
+        ``(logits, feats)`` for a batch of 2.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = device or (param.device if param is not None else "cpu")
+        return model(torch.zeros(2, *image_shape, device=device))
+    finally:
+        model.train(was_training)

@@ -1,0 +1,35 @@
+"""KD: Hinton et al., "Distilling the Knowledge in a Neural Network" (2015)."""
+import torch.nn.functional as F
+
+from ..registry import DISTILLERS
+from .base import Distiller, kd_loss
+
+
+@DISTILLERS.register("KD")
+class KD(Distiller):
+    """Cross-entropy on the labels plus the temperature-softened KL to the teacher.
+
+    Args:
+        student, teacher: the models.
+        temperature: softmax temperature T (the KL is scaled by T^2).
+        ce_weight, kd_weight: weights of the two terms.
+    """
+
+    def __init__(self, student, teacher, temperature=4.0, ce_weight=0.1, kd_weight=0.9):
+        super().__init__(student, teacher)
+        self.temperature = temperature
+        self.ce_weight = ce_weight
+        self.kd_weight = kd_weight
+
+    @classmethod
+    def from_config(cls, cfg, student, teacher, data_info=None):
+        return cls(student, teacher, temperature=cfg.KD.TEMPERATURE,
+                   ce_weight=cfg.KD.LOSS.CE_WEIGHT, kd_weight=cfg.KD.LOSS.KD_WEIGHT)
+
+    def forward_train(self, image, target, **batch):
+        logits, _ = self.student(image)
+        teacher_logits, _ = self.teacher_forward(image)
+        return logits, {
+            "loss_ce": self.ce_weight * F.cross_entropy(logits.float(), target),
+            "loss_kd": self.kd_weight * kd_loss(logits, teacher_logits, self.temperature),
+        }

@@ -1,0 +1,132 @@
+"""From a config to the objects of one experiment: data, models, distiller."""
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..data import build_dataset, build_test_loader, build_train_loader
+from ..distillers import DISTILLERS, build_distiller
+from ..errors import UserError
+from ..models import build_model
+from ..utils.dist import get_rank, get_world_size
+from .checkpoint import extract_state_dict, load_checkpoint, load_model_weights
+
+# mdistiller's layout of its released CIFAR teachers.
+MDISTILLER_TEACHER = "download_ckpts/cifar_teachers/{arch}_vanilla/ckpt_epoch_240.pth"
+
+
+def resolve_device(name):
+    """``torch.device`` for DEVICE (auto | cpu | cuda | cuda:N), or a UserError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"DEVICE {name!r} requested but CUDA is not available on this "
+                            f"machine; use DEVICE cpu (or auto)")
+        index = int(name[5:]) if ":" in name else int(os.environ.get("LOCAL_RANK", 0))
+        if index >= torch.cuda.device_count():
+            raise UserError(f"DEVICE {name!r}: this machine has {torch.cuda.device_count()} "
+                            f"CUDA device(s)")
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def dataset_options(cfg):
+    """Keyword options of the dataset named by DATASET.TYPE."""
+    if cfg.DATASET.TYPE == "synthetic":
+        synthetic = cfg.DATASET.SYNTHETIC
+        return {"num_train": synthetic.NUM_TRAIN, "num_test": synthetic.NUM_TEST,
+                "num_classes": synthetic.NUM_CLASSES, "image_size": synthetic.IMAGE_SIZE}
+    return {}
+
+
+def per_process_batch(global_batch, world_size, key="SOLVER.BATCH_SIZE"):
+    """Split a global batch over processes, or raise a UserError."""
+    if global_batch < world_size or global_batch % world_size:
+        raise UserError(f"{key} {global_batch} must be a multiple of the number of processes "
+                        f"({world_size}), e.g. {max(world_size, global_batch // world_size * world_size) or world_size}")
+    return global_batch // world_size
+
+
+def teacher_weights_path(cfg):
+    """The teacher checkpoint path to load, or None for torchvision weights."""
+    if cfg.DISTILLER.TEACHER_WEIGHTS:
+        return cfg.DISTILLER.TEACHER_WEIGHTS
+    if cfg.DATASET.TYPE == "imagenet":
+        return None
+    return MDISTILLER_TEACHER.format(arch=cfg.DISTILLER.TEACHER)
+
+
+def load_teacher(model, cfg):
+    """Load the teacher's weights as DISTILLER.TEACHER_WEIGHTS says."""
+    arch = cfg.DISTILLER.TEACHER
+    path = teacher_weights_path(cfg)
+    if path is None:
+        from ..models import torchvision_weights
+        weights = torchvision_weights(arch)
+        if weights is None:
+            raise UserError(f"no torchvision weights for ImageNet teacher {arch}; set "
+                            f"DISTILLER.TEACHER_WEIGHTS to a checkpoint")
+        model.load_state_dict(weights.get_state_dict(progress=get_rank() == 0))
+        return f"torchvision {weights}"
+    if not os.path.isfile(path):
+        raise UserError(
+            f"teacher checkpoint {path} not found: train the teacher with "
+            f"`python tools/train.py --cfg configs/cifar100/vanilla/{arch}.yaml` and set "
+            f"DISTILLER.TEACHER_WEIGHTS to its student_best, or unpack mdistiller's released "
+            f"cifar_teachers.tar into download_ckpts/")
+    state = extract_state_dict(load_checkpoint(path), path)
+    load_model_weights(model, state, arch, path)
+    return path
+
+
+@dataclass
+class Experiment:
+    """Everything :class:`~mdistill.engine.trainer.Trainer` needs."""
+    cfg: object
+    device: torch.device
+    data: object
+    distiller: object
+    train_loader: object
+    test_loader: object
+    teacher_source: str = ""
+
+
+def build_experiment(cfg, device=None, load_teacher_weights=True):
+    """Build data, models and the distiller from ``cfg``; writes nothing.
+
+    Every user mistake (names, paths, sizes) surfaces here as a UserError,
+    before a run folder exists.
+    """
+    device = device or resolve_device(cfg.DEVICE)
+    world_size, rank = get_world_size(), get_rank()
+    if cfg.SOLVER.AMP == "fp16" and device.type != "cuda":
+        raise UserError("SOLVER.AMP fp16 needs a CUDA device; on CPU use bf16 or none")
+    train_batch = per_process_batch(cfg.SOLVER.BATCH_SIZE, world_size)
+    method = DISTILLERS.get(cfg.DISTILLER.TYPE)
+    data = build_dataset(cfg.DATASET.TYPE, cfg.DATASET.ROOT, cfg.DATASET.DOWNLOAD,
+                         **dataset_options(cfg))
+
+    torch.manual_seed(cfg.EXPERIMENT.SEED)
+    student = build_model(cfg.DISTILLER.STUDENT, data.num_classes, dataset=cfg.DATASET.TYPE)
+    teacher, source = None, ""
+    if method.requires_teacher:
+        teacher = build_model(cfg.DISTILLER.TEACHER, data.num_classes, dataset=cfg.DATASET.TYPE)
+        if load_teacher_weights:
+            source = load_teacher(teacher, cfg)
+    memory_format = torch.channels_last if cfg.SOLVER.CHANNELS_LAST else torch.contiguous_format
+    student.to(device, memory_format=memory_format)
+    if teacher is not None:
+        teacher.to(device, memory_format=memory_format)
+    distiller = build_distiller(cfg, student, teacher, data).to(device)
+
+    options = dict(mean=data.mean, std=data.std, rank=rank, world_size=world_size,
+                   channels_last=cfg.SOLVER.CHANNELS_LAST, num_workers=cfg.DATASET.NUM_WORKERS)
+    train_loader = build_train_loader(data.train, train_batch, device, augment=True,
+                                      seed=cfg.EXPERIMENT.SEED,
+                                      extra_fields=distiller.extra_batch_fields(), **options)
+    test_batch = max(1, cfg.DATASET.TEST.BATCH_SIZE // world_size)
+    test_loader = build_test_loader(data.test, test_batch, device, **options)
+    return Experiment(cfg, device, data, distiller, train_loader, test_loader, source)

@@ -1,0 +1,206 @@
+"""Start or resume one training run: process group, run folder, logging, trainer."""
+import glob
+import os
+import random
+import sys
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import config_differences, default_run_name, load_cfg
+from ..errors import UserError
+from ..utils.dist import get_rank, get_world_size, is_main_process
+from .builder import build_experiment
+from .checkpoint import load_checkpoint
+from .evaluate import evaluate
+from .trainer import Trainer
+
+
+def init_distributed():
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    use_cuda = torch.cuda.is_available() and os.environ.get("MDISTILL_BACKEND") != "gloo"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+
+
+def seed_everything(seed, deterministic):
+    """Seed every generator; in deterministic mode also pick deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def find_run_to_resume(cfg, resume):
+    """The run folder ``--resume`` refers to: a path, or the newest run of this config."""
+    if isinstance(resume, str) and resume:
+        folder = resume if os.path.isdir(resume) else os.path.dirname(resume)
+        if not os.path.isfile(os.path.join(folder, "latest")):
+            raise UserError(f"--resume {resume}: no checkpoint 'latest' in {folder or '.'}")
+        return folder
+    base = os.path.join(cfg.LOG.PREFIX, cfg.EXPERIMENT.PROJECT,
+                        cfg.EXPERIMENT.NAME or default_run_name(cfg, []))
+    candidates = [path for path in [base] + glob.glob(glob.escape(base) + "-*")
+                  if os.path.isfile(os.path.join(path, "latest"))]
+    if not candidates:
+        raise UserError(f"--resume: no run to resume at {base} (no 'latest' checkpoint); "
+                        f"start it without --resume or give the run folder")
+    return max(candidates, key=lambda path: os.path.getmtime(os.path.join(path, "latest")))
+
+
+def new_run_dir(cfg, opts):
+    """A run folder that does not exist yet: NAME, else NAME-2, NAME-3, ..."""
+    base = os.path.join(cfg.LOG.PREFIX, cfg.EXPERIMENT.PROJECT,
+                        cfg.EXPERIMENT.NAME or default_run_name(cfg, opts))
+    path, number = base, 1
+    while os.path.exists(path):
+        number += 1
+        path = f"{base}-{number}"
+    return path
+
+
+def make_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create output folder {path}: {error.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"output folder {path} is not writable")
+
+
+class RunLog:
+    """Prints on the main process and appends to the run's log.txt."""
+
+    def __init__(self, path=None):
+        self.path = path
+
+    def __call__(self, text):
+        if not is_main_process():
+            return
+        from tqdm import tqdm
+        tqdm.write(text, file=sys.stdout)
+        sys.stdout.flush()
+        if self.path:
+            with open(self.path, "a") as handle:
+                handle.write(text + "\n")
+
+
+def train(cfg_path=None, opts=(), resume=None):
+    """Train as ``tools/train.py`` does.
+
+    Args:
+        cfg_path: a YAML experiment file (optional with ``resume`` pointing at a run).
+        opts: ``KEY VALUE`` overrides.
+        resume: None (new run), True (the newest run of this config), or a run folder.
+
+    Returns:
+        ``(run_dir, history)``.
+    """
+    init_distributed()
+    saved_state, run_dir = None, None
+    if resume and isinstance(resume, str) and cfg_path is None:
+        run_dir = find_run_to_resume(None, resume)
+        cfg_path = os.path.join(run_dir, "config.yaml")
+    cfg = load_cfg(cfg_path, list(opts))
+    if resume:
+        run_dir = run_dir or find_run_to_resume(cfg, resume)
+        saved_state = load_checkpoint(os.path.join(run_dir, "latest"))
+        saved_cfg = load_cfg(os.path.join(run_dir, "config.yaml"), freeze=True)
+        changed = config_differences(saved_cfg, cfg)
+        if changed:
+            raise UserError(f"--resume: the config differs from the run's in "
+                            f"{', '.join(changed[:8])}; resume with the run's own config")
+    seed_everything(cfg.EXPERIMENT.SEED, cfg.SOLVER.DETERMINISTIC)
+    experiment = build_experiment(cfg)
+    log = RunLog()
+    if run_dir is None:
+        run_dir = new_run_dir(cfg, opts)
+    if is_main_process():
+        make_dir(run_dir)
+        if saved_state is None:
+            with open(os.path.join(run_dir, "config.yaml"), "w") as handle:
+                handle.write(cfg.dump())
+        else:
+            _truncate_metrics(run_dir, saved_state)
+        log = RunLog(os.path.join(run_dir, "log.txt"))
+    log(f"run folder: {run_dir} ({get_world_size()} process(es), device "
+        f"{experiment.device}, AMP {cfg.SOLVER.AMP})")
+    distiller = experiment.distiller
+    log(f"student {cfg.DISTILLER.STUDENT}: "
+        f"{sum(p.numel() for p in distiller.student.parameters()):,} parameters; method "
+        f"{cfg.DISTILLER.TYPE} adds {distiller.get_extra_parameters():,}")
+    if distiller.teacher is not None and saved_state is None:
+        result = evaluate(lambda image: distiller.teacher(image)[0], experiment.test_loader,
+                          experiment.device)
+        log(f"teacher {cfg.DISTILLER.TEACHER} ({experiment.teacher_source}): test top-1 "
+            f"{result['top1']:.2f} top-5 {result['top5']:.2f}")
+
+    writer = None
+    if is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+        purge = saved_state["global_step"] + 1 if saved_state else None
+        writer = SummaryWriter(run_dir, purge_step=purge)
+        if cfg.LOG.WANDB:
+            _start_wandb(cfg, run_dir, log)
+    trainer = Trainer(experiment, run_dir, writer=writer, log=log)
+    if saved_state is not None:
+        trainer.load_state_dict(saved_state)
+        log(f"resumed from {run_dir}/latest at epoch {trainer.epoch}, step {trainer.global_step}")
+    try:
+        history = trainer.train()
+    finally:
+        if writer is not None:
+            writer.close()
+    if history is not None and trainer.history:
+        log(f"done: best test top-1 {trainer.best_acc:.2f}, last "
+            f"{trainer.history[-1]['test']['top1']:.2f}; checkpoints in {run_dir}")
+    return run_dir, history
+
+
+def _truncate_metrics(run_dir, state):
+    """Drop metric rows a killed run wrote after its last checkpoint."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    import json
+    kept_epochs = {record["epoch"] for record in state["history"]}
+    with open(path) as handle:
+        rows = [line for line in handle if line.strip()
+                and json.loads(line)["epoch"] in kept_epochs]
+    with open(path, "w") as handle:
+        handle.writelines(rows)
+
+
+def _start_wandb(cfg, run_dir, log):
+    try:
+        import wandb
+    except ImportError:
+        log("warning: LOG.WANDB is true but wandb is not installed; logging to TensorBoard only")
+        return
+    wandb.init(project=cfg.EXPERIMENT.PROJECT, name=os.path.basename(run_dir), dir=run_dir,
+               config=yaml_dict(cfg), sync_tensorboard=True)
+
+
+def yaml_dict(cfg):
+    import yaml
+    return yaml.safe_load(cfg.dump())
+
+
+def shutdown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_prefix():
+    return f"[rank {get_rank()}] " if get_world_size() > 1 else ""

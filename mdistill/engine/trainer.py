@@ -1,0 +1,431 @@
+"""The one training loop shared by every method."""
+import contextlib
+import json
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import UserError
+from ..utils.dist import all_reduce_sum, get_world_size, is_distributed, is_main_process
+from .checkpoint import save_checkpoint
+from .evaluate import evaluate, topk_correct
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingStopped(UserError):
+    """The run cannot go on (a non-finite loss); the last good checkpoint is kept."""
+
+
+def build_optimizer(solver, params):
+    """The optimizer named by SOLVER.TYPE over ``params``."""
+    if solver.TYPE == "SGD":
+        return torch.optim.SGD(params, lr=solver.LR, momentum=solver.MOMENTUM,
+                               weight_decay=solver.WEIGHT_DECAY)
+    optimizer = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}[solver.TYPE]
+    return optimizer(params, lr=solver.LR, weight_decay=solver.WEIGHT_DECAY)
+
+
+def build_scheduler(solver, optimizer):
+    """The per-epoch schedule named by SOLVER.LR_SCHEDULER.
+
+    multistep follows mdistiller: during epoch e (1-based) the lr is
+    ``LR * LR_DECAY_RATE ** (number of stages < e)``; the scheduler is stepped
+    once after every epoch.
+    """
+    if solver.LR_SCHEDULER == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=solver.EPOCHS)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(solver.LR_DECAY_STAGES),
+                                                gamma=solver.LR_DECAY_RATE)
+
+
+def rng_state():
+    """Every random generator's state, as tensors and plain data."""
+    numpy_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)),
+                       *numpy_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(item) for item in value) if isinstance(value, (list, tuple)) else value
+
+
+class EpochMeter:
+    """Running sums of the losses and accuracy of one epoch."""
+
+    def __init__(self, state=None):
+        state = state or {}
+        self.sums = dict(state.get("sums", {}))
+        self.correct = state.get("correct", 0.0)
+        self.count = state.get("count", 0)
+        self.steps = state.get("steps", 0)
+
+    def update(self, losses, correct, count):
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.correct += correct
+        self.count += count
+        self.steps += 1
+
+    def means(self):
+        steps = max(self.steps, 1)
+        means = {name: value / steps for name, value in self.sums.items()}
+        means["top1"] = 100.0 * self.correct / max(self.count, 1)
+        return means
+
+    def state_dict(self):
+        return {"sums": dict(self.sums), "correct": self.correct, "count": self.count,
+                "steps": self.steps}
+
+
+class Trainer:
+    """Trains ``experiment.distiller`` for SOLVER.EPOCHS epochs.
+
+    One loop for every method: the distiller's declarations (learnable
+    parameters, auxiliary optimizers, DDP-ignored state, extra batch fields)
+    are all it reads. Only the main process prints, logs and writes.
+
+    Args:
+        experiment: an :class:`~mdistill.engine.builder.Experiment`.
+        run_dir: the run's output folder (exists already).
+        writer: a TensorBoard SummaryWriter (main process) or None.
+        log: ``log(text)`` prints and appends to the run's log (main process).
+    """
+
+    def __init__(self, experiment, run_dir, writer=None, log=print):
+        self.cfg = cfg = experiment.cfg
+        self.device = experiment.device
+        self.distiller = experiment.distiller
+        self.train_loader = experiment.train_loader
+        self.test_loader = experiment.test_loader
+        self.run_dir = run_dir
+        self.writer = writer
+        self.log = log
+        self.main = is_main_process()
+        self.method = cfg.DISTILLER.TYPE.lower()
+
+        if is_distributed() and cfg.SOLVER.SYNC_BN:
+            self.distiller.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
+                self.distiller.student)
+        self.optimizer = build_optimizer(cfg.SOLVER, self.distiller.get_learnable_parameters())
+        self.scheduler = build_scheduler(cfg.SOLVER, self.optimizer)
+        self.aux_optimizers = self.distiller.auxiliary_optimizers()
+        self.aux_schedulers = {name: build_scheduler(cfg.SOLVER, optimizer)
+                               for name, optimizer in self.aux_optimizers.items()}
+        self.amp_dtype = AMP_DTYPES[cfg.SOLVER.AMP]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.SOLVER.AMP == "fp16")
+        if cfg.SOLVER.COMPILE:
+            self.distiller.student.compile()
+            if self.distiller.teacher is not None:
+                self.distiller.teacher.compile()
+        self.model = self.distiller
+        if is_distributed():
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self.distiller, self.distiller.ddp_ignored_names())
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.distiller, device_ids=device_ids)
+
+        self.epoch = 1              # the epoch in progress (1-based)
+        self.global_step = 0        # optimizer steps taken
+        self.best_acc = -1.0
+        self.history = []           # per-epoch metrics
+        self.meter = EpochMeter()
+        self.mid_epoch = False      # resumed inside an epoch
+        self.skipped_steps = 0
+        self.stop_signal = None
+
+    # ----------------------------------------------------------------- state
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def state_dict(self, epoch_complete):
+        """Everything needed to continue the run exactly."""
+        return {
+            "epoch": self.epoch,
+            "epoch_complete": epoch_complete,
+            "global_step": self.global_step,
+            "model": self.distiller.state_dict_to_save(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "aux_optimizers": {name: opt.state_dict() for name, opt in self.aux_optimizers.items()},
+            "aux_schedulers": {name: s.state_dict() for name, s in self.aux_schedulers.items()},
+            "scaler": self.scaler.state_dict(),
+            "best_acc": self.best_acc,
+            "history": list(self.history),
+            "meter": self.meter.state_dict(),
+            "loader": self.train_loader.state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "rng": rng_state(),
+            "config": self.cfg.dump(),
+        }
+
+    def load_state_dict(self, state):
+        """Restore a checkpoint written by :meth:`state_dict`."""
+        self.distiller.load_saved_state(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for name, optimizer in self.aux_optimizers.items():
+            optimizer.load_state_dict(state["aux_optimizers"][name])
+            self.aux_schedulers[name].load_state_dict(state["aux_schedulers"][name])
+        self.scaler.load_state_dict(state["scaler"])
+        self.best_acc = state["best_acc"]
+        self.history = list(state["history"])
+        self.global_step = state["global_step"]
+        self.skipped_steps = state["skipped_steps"]
+        set_rng_state(state["rng"])
+        if state["epoch_complete"]:
+            self.epoch = state["epoch"] + 1
+            self.meter = EpochMeter()
+            self.mid_epoch = False
+        else:
+            self.epoch = state["epoch"]
+            self.meter = EpochMeter(state["meter"])
+            self.train_loader.load_state_dict(state["loader"])
+            self.mid_epoch = True
+
+    def save(self, epoch_complete, test=None):
+        """Write ``latest`` (and student_latest, best, epoch_N) atomically."""
+        if not self.main:
+            return
+        state = self.state_dict(epoch_complete)
+        path = os.path.join(self.run_dir, "latest")
+        save_checkpoint(state, path)
+        if not epoch_complete:
+            return
+        student = {"model": self.distiller.student.state_dict(), "epoch": self.epoch,
+                   "test_acc": test["top1"] if test else None}
+        save_checkpoint(student, os.path.join(self.run_dir, "student_latest"))
+        if test is not None and test["top1"] >= self.best_acc:
+            save_checkpoint(state, os.path.join(self.run_dir, "best"))
+            save_checkpoint(student, os.path.join(self.run_dir, "student_best"))
+        if self.epoch % self.cfg.LOG.SAVE_CHECKPOINT_FREQ == 0:
+            save_checkpoint(state, os.path.join(self.run_dir, f"epoch_{self.epoch}"))
+
+    # --------------------------------------------------------------- signals
+    @contextlib.contextmanager
+    def stop_on_signals(self):
+        """First SIGINT/SIGTERM: finish the step, checkpoint, exit. Second: exit now."""
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                os._exit(128 + signum)
+            self.stop_signal = signum
+        previous = {}
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, handler)
+        except ValueError:          # not the main thread: no handlers
+            pass
+        try:
+            yield
+        finally:
+            for signum, old in previous.items():
+                signal.signal(signum, old)
+
+    # ------------------------------------------------------------------ loop
+    def train(self):
+        """Run the remaining epochs; returns the per-epoch history."""
+        with self.stop_on_signals():
+            while self.epoch <= self.cfg.SOLVER.EPOCHS:
+                if not self.train_epoch():
+                    return None
+                self.epoch += 1
+        if self.writer is not None:
+            self.write_hparams()
+        return self.history
+
+    def train_epoch(self):
+        """Train one epoch, evaluate and checkpoint. False when stopped by a signal."""
+        epoch, cfg = self.epoch, self.cfg
+        self.distiller.train()
+        self.distiller.on_epoch_start(epoch)
+        if not self.mid_epoch:
+            self.train_loader.set_epoch(epoch)
+            self.meter = EpochMeter()
+        self.mid_epoch = False
+        lr = self.optimizer.param_groups[0]["lr"]
+        bar = None
+        if self.main:
+            from tqdm import tqdm
+            bar = tqdm(total=len(self.train_loader), initial=self.meter.steps,
+                       desc=f"epoch {epoch}/{cfg.SOLVER.EPOCHS}", leave=False,
+                       dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+        start, images = time.perf_counter(), 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for batch in self.train_loader:
+            values = self.run_step(batch)
+            images += batch["target"].numel()
+            if values is not None and bar is not None:
+                bar.update(1)
+                if self.meter.steps % 10 == 0:
+                    means = self.meter.means()
+                    bar.set_postfix(loss=f"{means['loss']:.3f}", top1=f"{means['top1']:.1f}")
+            if self.stop_requested():
+                self.save(epoch_complete=False)
+                if bar is not None:
+                    bar.close()
+                self.log(f"stopped by signal {self.stop_signal} at epoch {epoch}, step "
+                         f"{self.global_step}; the checkpoint is saved: continue with --resume")
+                return False
+            every = cfg.LOG.SAVE_EVERY_N_ITERS
+            if every and self.global_step % every == 0 and self.meter.steps < len(self.train_loader):
+                self.save(epoch_complete=False)
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        train = self.meter.means()
+        test = evaluate(self.distiller.forward_test, self.test_loader, self.device, self.autocast)
+        self.scheduler.step()
+        for scheduler in self.aux_schedulers.values():
+            scheduler.step()
+        self.best_acc = max(self.best_acc, test["top1"])
+        record = {"epoch": epoch, "lr": lr, "train": train, "test": test,
+                  "best_top1": self.best_acc, "epoch_time": elapsed,
+                  "images_per_sec": images * max(1, get_world_size()) / max(elapsed, 1e-9),
+                  "peak_memory_mb": peak_memory_mb(self.device)}
+        self.history.append(record)
+        self.log_epoch(record)
+        self.save(epoch_complete=True, test=test)
+        return True
+
+    def stop_requested(self):
+        if not is_distributed():
+            return self.stop_signal is not None
+        flag = torch.tensor([float(self.stop_signal is not None)], device=self.device)
+        return all_reduce_sum(flag).item() > 0
+
+    def run_step(self, batch):
+        """One optimizer step on ``batch``; returns the loss values or None if skipped."""
+        with self.autocast():
+            logits, losses = self.model(**batch)
+        loss = sum(losses.values())
+        finite = torch.isfinite(loss).float().reshape(1)
+        if is_distributed():
+            finite = all_reduce_sum(finite) / get_world_size()
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite.item() < 1:
+            self.skipped_steps += 1
+            bad = [name for name, value in losses.items() if not torch.isfinite(value).all()]
+            where = f"loss {', '.join(bad) or 'on another process'} is not finite at epoch " \
+                    f"{self.epoch}, step {self.global_step + 1}"
+            if self.skipped_steps > self.cfg.SOLVER.SKIP_NONFINITE_STEPS:
+                raise TrainingStopped(f"{where}; stopping (the last checkpoint is kept; lower "
+                                      f"SOLVER.LR or allow skips with SOLVER.SKIP_NONFINITE_STEPS)")
+            self.log(f"{where}; step skipped ({self.skipped_steps}/"
+                     f"{self.cfg.SOLVER.SKIP_NONFINITE_STEPS})")
+            return None
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.global_step += 1
+        values = {name: value.item() for name, value in losses.items()}
+        values["loss"] = loss.item()
+        correct = topk_correct(logits.detach(), batch["target"], ks=(1,))[0].item()
+        self.meter.update(values, correct, batch["target"].numel())
+        diagnostics = self.distiller.pop_diagnostics()
+        if self.writer is not None and self.global_step % self.cfg.LOG.TENSORBOARD_FREQ == 0:
+            for name, value in values.items():
+                self.writer.add_scalar(f"train/{name}", value, self.global_step)
+            self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"],
+                                   self.global_step)
+            for name, value in diagnostics.items():
+                self.writer.add_scalar(f"{self.method}/{name}", value, self.global_step)
+        return values
+
+    # --------------------------------------------------------------- logging
+    def log_epoch(self, record):
+        train, test = record["train"], record["test"]
+        self.log(f"epoch {record['epoch']}/{self.cfg.SOLVER.EPOCHS} | lr {record['lr']:.4g} | "
+                 f"train loss {train.get('loss', float('nan')):.4f} top1 {train['top1']:.2f} | "
+                 f"test top1 {test['top1']:.2f} top5 {test['top5']:.2f} loss {test['loss']:.4f} | "
+                 f"best {record['best_top1']:.2f} | {record['epoch_time']:.1f}s "
+                 f"{record['images_per_sec']:.0f} img/s")
+        if not self.main:
+            return
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is None:
+            return
+        step = self.global_step
+        for name, value in train.items():
+            self.writer.add_scalar(f"train/epoch_{name}", value, step)
+        for name in ("top1", "top5", "loss"):
+            self.writer.add_scalar(f"test/{name}", test[name], step)
+        self.writer.add_scalar("test/best_top1", record["best_top1"], step)
+        self.writer.add_scalar("train/epoch", record["epoch"], step)
+        self.writer.add_scalar("perf/images_per_sec", record["images_per_sec"], step)
+        self.writer.add_scalar("perf/epoch_time", record["epoch_time"], step)
+        self.writer.add_scalar("perf/peak_memory_mb", record["peak_memory_mb"], step)
+        self.writer.flush()
+
+    def write_hparams(self):
+        """Write the TensorBoard HPARAMS entry: settings and final/best accuracy."""
+        from torch.utils.tensorboard.summary import hparams
+        if not self.history:
+            return
+        last = self.history[-1]
+        metrics = {"hparam/best_top1": self.best_acc, "hparam/last_top1": last["test"]["top1"],
+                   "hparam/last_top5": last["test"]["top5"],
+                   "hparam/best_top5": max(r["test"]["top5"] for r in self.history)}
+        experiment, start, end = hparams(run_hparams(self.cfg), metrics)
+        for summary in (experiment, start, end):
+            self.writer.file_writer.add_summary(summary)
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, self.global_step)
+        self.writer.flush()
+
+
+def run_hparams(cfg):
+    """The settings that tell runs apart, for the HPARAMS tab."""
+    params = {"method": cfg.DISTILLER.TYPE, "teacher": cfg.DISTILLER.TEACHER,
+              "student": cfg.DISTILLER.STUDENT, "dataset": cfg.DATASET.TYPE,
+              "seed": cfg.EXPERIMENT.SEED, "tag": cfg.EXPERIMENT.TAG,
+              "lr": cfg.SOLVER.LR, "batch_size": cfg.SOLVER.BATCH_SIZE,
+              "epochs": cfg.SOLVER.EPOCHS, "weight_decay": cfg.SOLVER.WEIGHT_DECAY,
+              "optimizer": cfg.SOLVER.TYPE, "scheduler": cfg.SOLVER.LR_SCHEDULER,
+              "amp": cfg.SOLVER.AMP}
+    section = cfg.get(cfg.DISTILLER.TYPE)
+    if section is not None:
+        params.update(_flat_params(section, cfg.DISTILLER.TYPE + "."))
+    return params
+
+
+def _flat_params(node, prefix):
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(_flat_params(value, f"{prefix}{key}."))
+        elif isinstance(value, (list, tuple)):
+            flat[prefix + key] = ",".join(str(item) for item in value)
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def peak_memory_mb(device):
+    """Peak memory of this process: CUDA allocations, or the CPU resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,36 @@
+"""Errors that reach the user as one line instead of a traceback."""
+import difflib
+
+
+class UserError(Exception):
+    """A mistake in the user's input: a config key, a name, a path.
+
+    The command-line tools print ``str(error)`` on one line and exit with
+    status 2, without a traceback (unless ``--debug`` is given).
+    """
+
+
+def closest_first(name, choices, limit=None):
+    """Return ``choices`` ordered so the ones closest to ``name`` come first.
+
+    Args:
+        name: the value the user gave.
+        choices: the valid values.
+        limit: keep at most this many (all when None).
+
+    Returns:
+        A list of strings.
+    """
+    choices = [str(choice) for choice in choices]
+    close = difflib.get_close_matches(str(name), choices, n=len(choices), cutoff=0.0)
+    ordered = close + [choice for choice in sorted(choices) if choice not in close]
+    return ordered if limit is None else ordered[:limit]
+
+
+def unknown_choice(kind, name, choices, limit=12):
+    """Build the UserError for a name that is not one of ``choices``."""
+    ordered = closest_first(name, choices)
+    shown = ", ".join(ordered[:limit])
+    if len(ordered) > limit:
+        shown += f", ... ({len(ordered) - limit} more)"
+    return UserError(f"unknown {kind} {name!r}; valid: {shown}")
