@@ -2,7 +2,6 @@
 import io
 import os
 import pickle
-import zipfile
 
 import torch
 
@@ -57,9 +56,9 @@ def load_checkpoint(path, map_location="cpu"):
         first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
         raise UserError(f"refusing to load {path}: it holds objects other than tensors and "
                         f"plain data ({first[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint "
-                        f"({str(error).splitlines()[0][:160]})") from None
+    except Exception as error:  # noqa: BLE001  (any parse failure means "not a checkpoint")
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
 
 
 def extract_state_dict(checkpoint, path="checkpoint"):

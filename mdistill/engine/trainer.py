@@ -152,6 +152,8 @@ class Trainer:
         self.mid_epoch = False      # resumed inside an epoch
         self.skipped_steps = 0
         self.stop_signal = None
+        # Called with "forward" and "step" as a step passes them (the benchmark times phases).
+        self.phase_hook = None
 
     # ----------------------------------------------------------------- state
     def autocast(self):
@@ -319,6 +321,8 @@ class Trainer:
         """One optimizer step on ``batch``; returns the loss values or None if skipped."""
         with self.autocast():
             logits, losses = self.model(**batch)
+        if self.phase_hook is not None:
+            self.phase_hook("forward")
         loss = sum(losses.values())
         finite = torch.isfinite(loss).float().reshape(1)
         if is_distributed():
@@ -338,6 +342,8 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.phase_hook is not None:
+            self.phase_hook("step")
         self.global_step += 1
         values = {name: value.item() for name, value in losses.items()}
         values["loss"] = loss.item()
