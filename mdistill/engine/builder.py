@@ -8,7 +8,7 @@ from ..data import build_dataset, build_test_loader, build_train_loader
 from ..distillers import DISTILLERS, build_distiller
 from ..errors import UserError
 from ..models import build_model
-from ..utils.dist import get_rank, get_world_size
+from ..utils.dist import barrier, get_rank, get_world_size
 from .checkpoint import extract_state_dict, load_checkpoint, load_model_weights
 
 # mdistiller's layout of its released CIFAR teachers.
@@ -40,6 +40,19 @@ def dataset_options(cfg):
         return {"num_train": synthetic.NUM_TRAIN, "num_test": synthetic.NUM_TEST,
                 "num_classes": synthetic.NUM_CLASSES, "image_size": synthetic.IMAGE_SIZE}
     return {}
+
+
+def load_dataset_once_per_node(cfg):
+    """Build the dataset; in a distributed run rank 0 goes first so that only
+    one process downloads, and the others read what it wrote."""
+    def build():
+        return build_dataset(cfg.DATASET.TYPE, cfg.DATASET.ROOT, cfg.DATASET.DOWNLOAD,
+                             **dataset_options(cfg))
+    if get_world_size() == 1:
+        return build()
+    data = build() if get_rank() == 0 else None
+    barrier()
+    return data if data is not None else build()
 
 
 def per_process_batch(global_batch, world_size, key="SOLVER.BATCH_SIZE"):
@@ -106,8 +119,7 @@ def build_experiment(cfg, device=None, load_teacher_weights=True):
         raise UserError("SOLVER.AMP fp16 needs a CUDA device; on CPU use bf16 or none")
     train_batch = per_process_batch(cfg.SOLVER.BATCH_SIZE, world_size)
     method = DISTILLERS.get(cfg.DISTILLER.TYPE)
-    data = build_dataset(cfg.DATASET.TYPE, cfg.DATASET.ROOT, cfg.DATASET.DOWNLOAD,
-                         **dataset_options(cfg))
+    data = load_dataset_once_per_node(cfg)
 
     torch.manual_seed(cfg.EXPERIMENT.SEED)
     student = build_model(cfg.DISTILLER.STUDENT, data.num_classes, dataset=cfg.DATASET.TYPE)
