@@ -217,8 +217,8 @@ def default_run_name(cfg, opts=None):
     skip = ("EXPERIMENT.", "LOG.", "DEVICE", "DATASET.ROOT", "DATASET.NUM_WORKERS",
             "DATASET.DOWNLOAD", "DISTILLER.TEACHER_WEIGHTS")
     for key, value in parse_overrides(opts).items():
-        if key.startswith(skip) or key in ("DISTILLER.TYPE", "DISTILLER.TEACHER",
-                                           "DISTILLER.STUDENT"):
+        if key.startswith(skip) or key in RESUMABLE_KEYS or key in (
+                "DISTILLER.TYPE", "DISTILLER.TEACHER", "DISTILLER.STUDENT"):
             continue
         if isinstance(value, (list, tuple)):
             value = "-".join(str(v) for v in value)

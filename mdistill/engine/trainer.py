@@ -267,7 +267,7 @@ class Trainer:
         self.mid_epoch = False
         lr = self.optimizer.param_groups[0]["lr"]
         bar = None
-        if self.main:
+        if self.main and sys.stderr.isatty():
             from tqdm import tqdm
             bar = tqdm(total=len(self.train_loader), initial=self.meter.steps,
                        desc=f"epoch {epoch}/{cfg.SOLVER.EPOCHS}", leave=False,
