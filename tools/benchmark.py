@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mdistill.config import load_cfg  # noqa: E402
-from mdistill.engine.benchmark import benchmark_setting, format_rows, report  # noqa: E402
+from mdistill.engine.benchmark import bare_compute, benchmark_setting, format_rows, report  # noqa: E402
 from mdistill.engine.builder import resolve_device  # noqa: E402
 from mdistill.utils.cli import run_main  # noqa: E402
 
@@ -33,13 +33,19 @@ def main(argv):
     parser.add_argument("--iters", type=int, default=30, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
     parser.add_argument("--append", metavar="FILE", help="append the table to this Markdown file")
+    parser.add_argument("--no-bare", action="store_true",
+                        help="skip the bare-models baseline (teacher forward + student step on "
+                             "a fixed tensor) that the pipeline overhead is measured against")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     load_cfg(args.cfg, args.opts)          # a bad config fails here, once
     if args.single:
-        row = benchmark_setting(args.cfg, args.opts, args.amp[0], args.channels_last[0] == "on",
-                                args.iters, args.warmup, args.batch_size)
+        setting = (args.cfg, args.opts, args.amp[0], args.channels_last[0] == "on", args.iters,
+                   args.warmup, args.batch_size)
+        row = benchmark_setting(*setting)
+        if not args.no_bare:
+            row["bare_images_per_sec"] = bare_compute(*setting)
         print("RESULT " + json.dumps(row))
         return 0
     rows = []
@@ -48,7 +54,7 @@ def main(argv):
             command = [sys.executable, os.path.abspath(__file__), "--single", "--cfg", args.cfg,
                        "--amp", amp, "--channels-last", layout, "--batch-size",
                        str(args.batch_size), "--iters", str(args.iters), "--warmup",
-                       str(args.warmup), *args.opts]
+                       str(args.warmup), *(["--no-bare"] if args.no_bare else []), *args.opts]
             result = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
             if result.returncode != 0 or not lines:

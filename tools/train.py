@@ -2,6 +2,7 @@
 
     python tools/train.py --cfg configs/cifar100/kd.yaml [KEY VALUE ...]
     python tools/train.py --cfg configs/cifar100/kd.yaml --resume
+    python tools/train.py --resume-from output/cifar100_baselines/kd,resnet32x4,resnet8x4,seed0
     torchrun --nproc_per_node 4 tools/train.py --cfg configs/cifar100/kd.yaml
 """
 import argparse
@@ -17,15 +18,18 @@ from mdistill.utils.cli import run_main  # noqa: E402
 def main(argv):
     parser = argparse.ArgumentParser(description="Train a student by knowledge distillation.")
     parser.add_argument("--cfg", help="experiment YAML file")
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
-                        help="continue the newest run of this config, or the run folder given")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the newest run of this config from its 'latest' checkpoint")
+    parser.add_argument("--resume-from", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR (its config.yaml is used when --cfg "
+                             "is not given)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
-    if args.cfg is None and not isinstance(args.resume, str):
-        parser.error("--cfg FILE is required (or --resume RUN_DIR)")
+    if args.cfg is None and args.resume_from is None:
+        parser.error("--cfg FILE is required (or --resume-from RUN_DIR)")
     try:
-        _, history = train(args.cfg, args.opts, resume=args.resume)
+        _, history = train(args.cfg, args.opts, resume=args.resume_from or args.resume or None)
     finally:
         shutdown()
     return 0 if history is not None else 143

@@ -98,14 +98,59 @@ def benchmark_setting(cfg_path, opts, amp, channels_last, iters, warmup, batch_s
             "peak_memory_mb": peak_memory_mb(device), "device": str(device)}
 
 
+def bare_compute(cfg_path, opts, amp, channels_last, iters, warmup, batch_size):
+    """Images/s of the models alone: teacher forward without autograd, student
+    forward, KD loss, backward and an SGD step on a fixed tensor already on the
+    device. No data loading, no distiller, no trainer: the floor against which
+    the pipeline's overhead is measured."""
+    import torch.nn.functional as F
+    from ..distillers import kd_loss
+    from ..models import build_model
+    cfg = load_cfg(cfg_path, list(opts))
+    device = resolve_device(cfg.DEVICE)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    num_classes = cfg.DATASET.SYNTHETIC.NUM_CLASSES
+    student = build_model(cfg.DISTILLER.STUDENT, num_classes).to(device, memory_format=memory_format)
+    teacher = build_model(cfg.DISTILLER.TEACHER, num_classes).to(device, memory_format=memory_format)
+    teacher.eval().requires_grad_(False)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    image = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=memory_format)
+    target = torch.randint(0, num_classes, (batch_size,), device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with torch.no_grad():
+                teacher_logits = teacher(image)[0]
+            logits = student(image)[0]
+            loss = F.cross_entropy(logits.float(), target) + kd_loss(logits, teacher_logits, 4.0)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    _sync(device)
+    return batch_size * iters / (time.perf_counter() - start)
+
+
 def format_rows(rows):
     """A Markdown table of benchmark results."""
-    lines = ["| AMP | channels_last | images/s | ms/iter | data ms | forward ms | "
-             "backward+step ms | peak memory MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| AMP | channels_last | images/s | bare models images/s | overhead | ms/iter | "
+             "data ms | forward ms | backward+step ms | peak memory MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        bare = row.get("bare_images_per_sec")
+        overhead = f"{100 * (1 - row['images_per_sec'] / bare):+.1f}%" if bare else "-"
         lines.append(f"| {row['amp']} | {'yes' if row['channels_last'] else 'no'} | "
-                     f"{row['images_per_sec']:.1f} | {row['iter_ms']:.1f} | {row['data_ms']:.2f} | "
+                     f"{row['images_per_sec']:.1f} | {f'{bare:.1f}' if bare else '-'} | "
+                     f"{overhead} | {row['iter_ms']:.1f} | {row['data_ms']:.2f} | "
                      f"{row['forward_ms']:.1f} | {row['step_ms']:.1f} | "
                      f"{row['peak_memory_mb']:.0f} |")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 import io
 import os
 import pickle
+import re
 
 import torch
 
@@ -53,12 +54,26 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
-        raise UserError(f"refusing to load {path}: it holds objects other than tensors and "
-                        f"plain data ({first[:160]})") from None
+        # weights_only names the global it blocked (e.g. "GLOBAL posix.system"): that is a
+        # file trying to run code. Anything else is a file that is not a checkpoint.
+        blocked = re.search(r"GLOBAL (\S+)", str(error))
+        if blocked:
+            raise UserError(f"refusing to load {path}: it asks to run {blocked.group(1)}, and "
+                            f"checkpoints may hold only tensors and plain data") from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint "
+                        f"({_reason(error)})") from None
     except Exception as error:  # noqa: BLE001  (any parse failure means "not a checkpoint")
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint "
+                        f"({_reason(error)})") from None
+
+
+def _reason(error):
+    """The most telling line of a loader's error message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed",
+                                                             "Check the documentation",
+                                                             "Please file an issue"))]
+    return ((useful or lines or [type(error).__name__])[0])[:160]
 
 
 def extract_state_dict(checkpoint, path="checkpoint"):
