@@ -51,7 +51,6 @@ def _sync_worker(rank, world, port, opts, out_path):
             checks.append(_gather_equal(flat))
 
     trainer.phase_hook = check
-    trainer.save = lambda *args, **kwargs: None
     trainer.train()
     distiller = experiment.distiller
     buffers = {name: _gather_equal(buffer.detach().clone())

@@ -106,7 +106,7 @@ class Trainer:
 
     Args:
         experiment: an :class:`~mdistill.engine.builder.Experiment`.
-        run_dir: the run's output folder (exists already).
+        run_dir: the run's output folder (exists already); None writes nothing.
         writer: a TensorBoard SummaryWriter (main process) or None.
         log: ``log(text)`` prints and appends to the run's log (main process).
     """
@@ -208,7 +208,7 @@ class Trainer:
 
     def save(self, epoch_complete, test=None):
         """Write ``latest`` (and student_latest, best, epoch_N) atomically."""
-        if not self.main:
+        if not self.main or self.run_dir is None:
             return
         state = self.state_dict(epoch_complete)
         path = os.path.join(self.run_dir, "latest")
@@ -367,7 +367,7 @@ class Trainer:
                  f"test top1 {test['top1']:.2f} top5 {test['top5']:.2f} loss {test['loss']:.4f} | "
                  f"best {record['best_top1']:.2f} | {record['epoch_time']:.1f}s "
                  f"{record['images_per_sec']:.0f} img/s")
-        if not self.main:
+        if not self.main or self.run_dir is None:
             return
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as handle:
             handle.write(json.dumps(record) + "\n")
