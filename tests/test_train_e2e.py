@@ -54,14 +54,19 @@ def test_kd_run_writes_everything_resumes_and_evaluates(cifar_root, teacher_file
     assert torch.load(os.path.join(run_dir, "latest"), weights_only=True)["global_step"] == 15
     assert [record["epoch"] for record in read_metrics(run_dir)] == [1, 2, 3]
 
-    # tools/eval.py on student_best gives the accuracy the run logged as best.
-    best = max(record["test"]["top1"] for record in read_metrics(run_dir))
+    # tools/eval.py on student_best / student_latest gives the accuracy the run logged
+    # as best / last (evaluation in the run used the BN running statistics, as eval does).
+    metrics = read_metrics(run_dir)
+    best = max(record["test"]["top1"] for record in metrics)
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tools/eval.py"),
-                             os.path.join(run_dir, "student_best"), "--device", "cpu",
+                             os.path.join(run_dir, "student_best"),
+                             os.path.join(run_dir, "student_latest"), "--device", "cpu",
                              "--json", str(tmp_path / "eval.json")],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "eval.json") as handle:
-        row = json.load(handle)[0]
-    assert row["model"] == "resnet8" and abs(row["top1"] - best) < 1e-6
+        best_row, last_row = json.load(handle)
+    assert best_row["model"] == "resnet8" and abs(best_row["top1"] - best) < 1e-6
+    assert abs(last_row["top1"] - metrics[-1]["test"]["top1"]) < 1e-6
+    assert abs(last_row["loss"] - metrics[-1]["test"]["loss"]) < 1e-4
     assert f"{best:.2f}" in result.stdout

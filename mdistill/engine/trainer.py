@@ -297,6 +297,7 @@ class Trainer:
             bar.close()
         elapsed = time.perf_counter() - start
         train = self.meter.means()
+        self.distiller.eval()
         test = evaluate(self.distiller.forward_test, self.test_loader, self.device, self.autocast)
         self.scheduler.step()
         for scheduler in self.aux_schedulers.values():
