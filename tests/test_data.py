@@ -418,3 +418,19 @@ def test_contrastive_is_reproducible_and_validated():
     assert "exact" in str(error.value) and "relax" in str(error.value)
     with pytest.raises(UserError, match="two classes"):
         ContrastiveSampler(torch.zeros(5, dtype=torch.long), 4)
+
+
+def test_digits_are_never_flipped_but_still_cropped():
+    """Mirrored digits are other (or no) digits: the digits loader only shifts."""
+    from mdistill.data import build_dataset, build_train_loader
+    data = build_dataset("digits", None, False)
+    assert data.hflip is False
+    # One image whose columns are all different, repeated: any output is a pure shift.
+    image = torch.arange(32, dtype=torch.uint8).repeat(3, 32, 1).unsqueeze(0) * 7
+    dataset = ImageTensorDataset(image.repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.long))
+    loader = build_train_loader(dataset, 64, "cpu", hflip=False, mean=(0, 0, 0), std=(1, 1, 1),
+                                seed=3)
+    loader.set_epoch(1)
+    rows = next(iter(loader))["image"][:, 0, 16, 4:28] * 255       # away from the padding
+    steps = rows[:, 1:] - rows[:, :-1]
+    assert torch.allclose(steps, torch.full_like(steps, 7.0))     # increasing: never mirrored

@@ -21,6 +21,8 @@ class DatasetSplits:
         mean, std: per-channel normalisation, in ``[0, 1]`` pixel units.
         image_size: side of the (square) network input.
         class_names: optional names of the classes, in label order.
+        hflip: whether a horizontal flip is a valid augmentation (False for
+            digits, whose mirror images are other or no digits).
     """
 
     train: object
@@ -31,6 +33,7 @@ class DatasetSplits:
     std: tuple
     image_size: int
     class_names: Optional[Tuple[str, ...]] = None
+    hflip: bool = True
 
     @property
     def num_train(self):

@@ -54,4 +54,5 @@ def build_digits(root=None, download=False):
         train=ImageTensorDataset(train_images, train_labels),
         test=ImageTensorDataset(test_images, test_labels),
         num_classes=10, train_targets=train_labels, mean=mean, std=std,
-        image_size=IMAGE_SIZE, class_names=tuple(str(name) for name in digits.target_names))
+        image_size=IMAGE_SIZE, class_names=tuple(str(name) for name in digits.target_names),
+        hflip=False)

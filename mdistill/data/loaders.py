@@ -28,9 +28,9 @@ from .base import ImageTensorDataset, check_positive, mix_seed
 CROP_PADDING = 4
 
 
-def build_train_loader(dataset, batch_size, device, *, augment=True, mean, std, seed=0, rank=0,
-                       world_size=1, extra_fields=None, channels_last=False, num_workers=2,
-                       drop_last=False):
+def build_train_loader(dataset, batch_size, device, *, augment=True, hflip=True, mean, std,
+                       seed=0, rank=0, world_size=1, extra_fields=None, channels_last=False,
+                       num_workers=2, drop_last=False):
     """The training loader: shuffled per epoch, sharded over processes.
 
     Args:
@@ -40,6 +40,8 @@ def build_train_loader(dataset, batch_size, device, *, augment=True, mean, std, 
         device: where batches are delivered.
         augment: random crop (4-pixel zero padding) and horizontal flip; in-memory
             datasets only (a torch Dataset applies its own transforms).
+        hflip: include the horizontal flip in the augmentation (off for data
+            whose classes are not mirror-symmetric, such as digits).
         mean, std: per-channel normalisation in ``[0, 1]`` pixel units.
         seed: seeds the shuffle and the augmentation (with the epoch).
         rank, world_size: this process and the number of processes; every
@@ -55,7 +57,7 @@ def build_train_loader(dataset, batch_size, device, *, augment=True, mean, std, 
     options = dict(mean=mean, std=std, train=True, seed=seed, rank=rank, world_size=world_size,
                    extra_fields=extra_fields, channels_last=channels_last, drop_last=drop_last)
     if isinstance(dataset, ImageTensorDataset):
-        return DeviceLoader(dataset, batch_size, device, augment=augment, **options)
+        return DeviceLoader(dataset, batch_size, device, augment=augment, hflip=hflip, **options)
     return TorchLoader(dataset, batch_size, device, num_workers=num_workers, **options)
 
 
@@ -187,12 +189,13 @@ class DeviceLoader(_EpochLoader):
     """
 
     def __init__(self, dataset, batch_size, device, *, mean, std, train=True, augment=True,
-                 seed=0, rank=0, world_size=1, extra_fields=None, channels_last=False,
-                 drop_last=False):
+                 hflip=True, seed=0, rank=0, world_size=1, extra_fields=None,
+                 channels_last=False, drop_last=False):
         super().__init__(batch_size, device, mean=mean, std=std, train=train, seed=seed,
                          rank=rank, world_size=world_size, extra_fields=extra_fields,
                          channels_last=channels_last, drop_last=drop_last)
         self.augment = augment and train
+        self.hflip = hflip
         self.images = dataset.images.to(self.device)
         self.targets = dataset.targets.to(self.device)
         self.dataset_size = len(dataset)
@@ -237,6 +240,8 @@ class DeviceLoader(_EpochLoader):
                                           generator=generator).to(self.device)
             self._flips = torch.randint(0, 2, (self.num_samples,),
                                         generator=generator).bool().to(self.device)
+            if not self.hflip:
+                self._flips.zero_()
         self._plan_epoch = self.epoch
 
     def __iter__(self):

@@ -137,6 +137,7 @@ def build_experiment(cfg, device=None, load_teacher_weights=True):
     options = dict(mean=data.mean, std=data.std, rank=rank, world_size=world_size,
                    channels_last=cfg.SOLVER.CHANNELS_LAST, num_workers=cfg.DATASET.NUM_WORKERS)
     train_loader = build_train_loader(data.train, train_batch, device, augment=True,
+                                      hflip=data.hflip,
                                       seed=cfg.EXPERIMENT.SEED,
                                       extra_fields=distiller.extra_batch_fields(), **options)
     test_batch = max(1, cfg.DATASET.TEST.BATCH_SIZE // world_size)
