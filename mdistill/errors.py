@@ -22,6 +22,8 @@ def closest_first(name, choices, limit=None):
         A list of strings.
     """
     choices = [str(choice) for choice in choices]
+    if not choices:
+        return []
     close = difflib.get_close_matches(str(name), choices, n=len(choices), cutoff=0.0)
     ordered = close + [choice for choice in sorted(choices) if choice not in close]
     return ordered if limit is None else ordered[:limit]
@@ -30,7 +32,7 @@ def closest_first(name, choices, limit=None):
 def unknown_choice(kind, name, choices, limit=12):
     """Build the UserError for a name that is not one of ``choices``."""
     ordered = closest_first(name, choices)
-    shown = ", ".join(ordered[:limit])
+    shown = ", ".join(ordered[:limit]) or "(none registered)"
     if len(ordered) > limit:
         shown += f", ... ({len(ordered) - limit} more)"
     return UserError(f"unknown {kind} {name!r}; valid: {shown}")

@@ -1,7 +1,7 @@
 """Distillation methods; importing this package registers every one of them."""
 from ..registry import DISTILLERS
 from .base import Distiller, kd_loss, probe_features
-from . import vanilla, kd  # noqa: F401  (registration)
+from . import vanilla, kd, fitnet, at, rkd, crd, advkd  # noqa: F401  (registration)
 
 __all__ = ["DISTILLERS", "Distiller", "build_distiller", "kd_loss", "probe_features"]
 

@@ -1,0 +1,123 @@
+"""CRD: Tian et al., "Contrastive Representation Distillation" (ICLR 2020)."""
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..data import ContrastiveSampler
+from ..registry import DISTILLERS
+from ..utils.dist import all_gather_cat, all_reduce_sum, get_rank, get_world_size
+from .base import Distiller, probe_features
+
+
+class Embed(nn.Module):
+    """Linear projection followed by L2 normalisation."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        return F.normalize(self.linear(x.flatten(1).float()), dim=1)
+
+
+def nce_loss(scores, num_data):
+    """CRD's NCE loss over ``scores`` [B, K+1] (column 0 the positive), with the
+    noise distribution uniform over the ``num_data`` samples."""
+    negatives = scores.shape[1] - 1
+    noise = negatives / num_data                       # K * Pn
+    eps = 1e-7
+    log_positive = torch.log(scores[:, 0] / (scores[:, 0] + noise + eps))
+    log_negative = torch.log(noise / (scores[:, 1:] + noise + eps))
+    return -(log_positive.sum() + log_negative.sum()) / scores.shape[0]
+
+
+@DISTILLERS.register("CRD")
+class CRD(Distiller):
+    """Cross-entropy plus the contrastive loss between student and teacher embeddings.
+
+    Each side's embedding is contrasted with the other side's memory bank: the
+    row of the sample itself (or a same-class sample in "relax" mode) is the
+    positive, K rows of other classes are negatives.
+
+    Args:
+        student, teacher: the models.
+        num_data: training set size (memory bank rows).
+        sampler: callable ``(index, target) -> [B, K+1]`` contrastive indices.
+        feat_dim: embedding width.
+        ce_weight, feat_weight: weights of cross-entropy and the contrastive loss.
+        temperature: NCE temperature.
+        momentum: memory update momentum.
+        image_shape: input shape used to probe the pooled feature widths.
+    """
+
+    def __init__(self, student, teacher, num_data, sampler, feat_dim=128, ce_weight=1.0,
+                 feat_weight=0.8, temperature=0.07, momentum=0.5, image_shape=(3, 32, 32)):
+        super().__init__(student, teacher)
+        _, student_feats = probe_features(student, image_shape)
+        _, teacher_feats = probe_features(teacher, image_shape)
+        self.embed_student = Embed(student_feats["pooled_feat"].shape[1], feat_dim)
+        self.embed_teacher = Embed(teacher_feats["pooled_feat"].shape[1], feat_dim)
+        self.sampler = sampler
+        self.num_data = num_data
+        self.ce_weight = ce_weight
+        self.feat_weight = feat_weight
+        self.temperature = temperature
+        self.momentum = momentum
+        bound = 1.0 / math.sqrt(feat_dim / 3)
+        self.register_buffer("memory_student", torch.rand(num_data, feat_dim) * 2 * bound - bound)
+        self.register_buffer("memory_teacher", torch.rand(num_data, feat_dim) * 2 * bound - bound)
+        # Normalisation constants, estimated on the first batch and then fixed (-1: unset).
+        self.register_buffer("z_student", torch.tensor(-1.0))
+        self.register_buffer("z_teacher", torch.tensor(-1.0))
+
+    @classmethod
+    def from_config(cls, cfg, student, teacher, data_info=None):
+        sampler = ContrastiveSampler(data_info.train_targets, cfg.CRD.NCE.K, mode=cfg.CRD.MODE,
+                                     seed=cfg.EXPERIMENT.SEED, rank=get_rank())
+        size = data_info.image_size
+        return cls(student, teacher, num_data=len(data_info.train_targets), sampler=sampler,
+                   feat_dim=cfg.CRD.FEAT.DIM, ce_weight=cfg.CRD.LOSS.CE_WEIGHT,
+                   feat_weight=cfg.CRD.LOSS.FEAT_WEIGHT, temperature=cfg.CRD.NCE.TEMPERATURE,
+                   momentum=cfg.CRD.NCE.MOMENTUM, image_shape=(3, size, size))
+
+    def extra_batch_fields(self):
+        return {"contrastive_index": self.sampler}
+
+    def ddp_ignored_names(self):
+        # Kept identical on every process by updating them from all processes' batches.
+        return super().ddp_ignored_names() + ["memory_student", "memory_teacher",
+                                              "z_student", "z_teacher"]
+
+    def _scores(self, embedding, memory, contrastive_index, z_buffer):
+        """exp(<memory rows, embedding> / T) / Z for the positive and the negatives."""
+        rows = memory[contrastive_index]                                  # [B, K+1, D]
+        scores = torch.exp(torch.bmm(rows, embedding.unsqueeze(2)).squeeze(2) / self.temperature)
+        if z_buffer.item() < 0:
+            mean = all_reduce_sum(scores.detach().mean().reshape(1)) / get_world_size()
+            z_buffer.fill_(mean.item() * self.num_data)
+        return scores / z_buffer
+
+    @torch.no_grad()
+    def _update_memory(self, memory, index, embedding):
+        index, embedding = all_gather_cat(index), all_gather_cat(embedding.detach())
+        rows = memory[index] * self.momentum + embedding * (1 - self.momentum)
+        memory.index_copy_(0, index, F.normalize(rows, dim=1))
+
+    def forward_train(self, image, target, index=None, contrastive_index=None, **batch):
+        logits, feats = self.student(image)
+        _, teacher_feats = self.teacher_forward(image)
+        with torch.autocast(image.device.type, enabled=False):
+            student_embedding = self.embed_student(feats["pooled_feat"])
+            teacher_embedding = self.embed_teacher(teacher_feats["pooled_feat"])
+            student_scores = self._scores(student_embedding, self.memory_teacher,
+                                          contrastive_index, self.z_student)
+            teacher_scores = self._scores(teacher_embedding, self.memory_student,
+                                          contrastive_index, self.z_teacher)
+            contrastive = nce_loss(student_scores, self.num_data) + nce_loss(teacher_scores,
+                                                                             self.num_data)
+        self._update_memory(self.memory_student, index, student_embedding)
+        self._update_memory(self.memory_teacher, index, teacher_embedding)
+        return logits, {"loss_ce": self.ce_weight * F.cross_entropy(logits.float(), target),
+                        "loss_feat": self.feat_weight * contrastive}

@@ -1,0 +1,81 @@
+"""RKD: Park et al., "Relational Knowledge Distillation" (CVPR 2019)."""
+import torch
+import torch.nn.functional as F
+
+from ..registry import DISTILLERS
+from .base import Distiller
+
+
+def pairwise_distances(embedding, squared=False, eps=1e-12):
+    """Euclidean distances between all rows, with a zero diagonal."""
+    squares = embedding.pow(2).sum(dim=1)
+    product = embedding @ embedding.t()
+    distances = (squares.unsqueeze(0) + squares.unsqueeze(1) - 2 * product).clamp(min=eps)
+    if not squared:
+        distances = distances.sqrt()
+    distances = distances.clone()
+    distances[range(len(embedding)), range(len(embedding))] = 0
+    return distances
+
+
+def rkd_distance_loss(student, teacher, squared=False, eps=1e-12):
+    """Smooth-L1 between the distance matrices, each divided by its mean nonzero entry."""
+    with torch.no_grad():
+        t_distances = pairwise_distances(teacher, squared, eps)
+        t_distances = t_distances / t_distances[t_distances > 0].mean()
+    s_distances = pairwise_distances(student, squared, eps)
+    s_distances = s_distances / s_distances[s_distances > 0].mean()
+    return F.smooth_l1_loss(s_distances, t_distances)
+
+
+def triplet_angles(embedding):
+    """cos of the angle at j between i and k, for all (i, j, k): <e_ij, e_kj>."""
+    differences = F.normalize(embedding.unsqueeze(0) - embedding.unsqueeze(1), p=2, dim=2)
+    return torch.bmm(differences, differences.transpose(1, 2)).view(-1)
+
+
+def rkd_angle_loss(student, teacher):
+    """Smooth-L1 between the triplet angle cosines of the two embeddings."""
+    with torch.no_grad():
+        t_angles = triplet_angles(teacher)
+    return F.smooth_l1_loss(triplet_angles(student), t_angles)
+
+
+@DISTILLERS.register("RKD")
+class RKD(Distiller):
+    """Cross-entropy plus distance- and angle-wise relations of the pooled features.
+
+    Args:
+        student, teacher: the models.
+        distance_weight, angle_weight: weights inside the relational loss.
+        ce_weight, feat_weight: weights of cross-entropy and the relational loss.
+        squared, eps: distance options (squared distances; clamp before sqrt).
+    """
+
+    def __init__(self, student, teacher, distance_weight=25.0, angle_weight=50.0, ce_weight=1.0,
+                 feat_weight=1.0, squared=False, eps=1e-12):
+        super().__init__(student, teacher)
+        self.distance_weight = distance_weight
+        self.angle_weight = angle_weight
+        self.ce_weight = ce_weight
+        self.feat_weight = feat_weight
+        self.squared = squared
+        self.eps = eps
+
+    @classmethod
+    def from_config(cls, cfg, student, teacher, data_info=None):
+        return cls(student, teacher, distance_weight=cfg.RKD.DISTANCE_WEIGHT,
+                   angle_weight=cfg.RKD.ANGLE_WEIGHT, ce_weight=cfg.RKD.LOSS.CE_WEIGHT,
+                   feat_weight=cfg.RKD.LOSS.FEAT_WEIGHT, squared=cfg.RKD.PDIST.SQUARED,
+                   eps=cfg.RKD.PDIST.EPSILON)
+
+    def forward_train(self, image, target, **batch):
+        logits, feats = self.student(image)
+        _, teacher_feats = self.teacher_forward(image)
+        student = feats["pooled_feat"].float()
+        teacher = teacher_feats["pooled_feat"].float()
+        relational = (self.distance_weight * rkd_distance_loss(student, teacher, self.squared,
+                                                               self.eps)
+                      + self.angle_weight * rkd_angle_loss(student, teacher))
+        return logits, {"loss_ce": self.ce_weight * F.cross_entropy(logits.float(), target),
+                        "loss_feat": self.feat_weight * relational}
