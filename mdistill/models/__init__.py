@@ -1,6 +1,7 @@
 """Model zoo. ``build_model(name, num_classes, dataset)``; forward returns ``(logits, feats)``."""
 from ..registry import CIFAR_MODELS, IMAGENET_MODELS
-from . import cifar  # noqa: F401  (registration)
+from . import cifar, imagenet  # noqa: F401  (registration)
+from .imagenet import torchvision_weights
 
 __all__ = ["build_model", "model_names", "torchvision_weights"]
 
@@ -21,8 +22,3 @@ def build_model(name, num_classes, dataset="cifar100"):
 def model_names(dataset="cifar100"):
     """Names of the models available for ``dataset``."""
     return _registry(dataset).names()
-
-
-def torchvision_weights(name):
-    """torchvision's ImageNet weights for ``name``, or None."""
-    return None

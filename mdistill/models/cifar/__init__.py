@@ -1,2 +1,2 @@
 """CIFAR-sized (32x32) models; importing this package registers them."""
-from . import resnet, vgg, wrn  # noqa: F401
+from . import mobilenetv2, resnet, resnetv2, shufflenet, vgg, wrn  # noqa: F401

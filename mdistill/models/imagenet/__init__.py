@@ -1,0 +1,3 @@
+"""ImageNet models; importing this package registers them."""
+from . import mobilenetv1, resnet  # noqa: F401
+from .resnet import torchvision_weights  # noqa: F401
