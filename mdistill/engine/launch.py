@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from ..config import config_differences, default_run_name, load_cfg
 from ..errors import UserError
-from ..utils.dist import get_rank, get_world_size, is_main_process
+from ..utils.dist import barrier, get_rank, get_world_size, is_main_process
 from .builder import build_experiment
 from .checkpoint import load_checkpoint
 from .evaluate import evaluate
@@ -162,6 +162,7 @@ def train(cfg_path=None, opts=(), resume=None):
     finally:
         if writer is not None:
             writer.close()
+    barrier()       # every process leaves together, after rank 0 has written its files
     if history is not None and trainer.history:
         log(f"done: best test top-1 {trainer.best_acc:.2f}, last "
             f"{trainer.history[-1]['test']['top1']:.2f}; checkpoints in {run_dir}")
@@ -198,7 +199,9 @@ def yaml_dict(cfg):
 
 
 def shutdown():
+    """Leave the process group (all processes at once)."""
     if dist.is_available() and dist.is_initialized():
+        barrier()
         dist.destroy_process_group()
 
 
