@@ -1,2 +1,3 @@
-"""CIFAR-sized (32x32) models; importing this package registers them."""
-from . import mobilenetv2, resnet, resnetv2, shufflenet, vgg, wrn  # noqa: F401
+"""Models for 32x32 images (CIFAR-100, digits, synthetic); importing this
+package registers them in ``CIFAR_MODELS``."""
+from . import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401

@@ -1,25 +1,36 @@
-"""MobileNetV2 for 32x32 images (mdistiller's ``mobile_half``: expansion 6,
-width 0.5), with mdistiller's parameter names."""
-import math
+"""MobileNetV2 (Sandler et al. 2018) for 32x32 images; ``MobileNetV2`` is
+mdistiller's ``mobile_half`` (expansion 6, width 0.5), with its parameter names.
 
+``feats`` for a 32x32 input (the stem has stride 2):
+    0: stem conv-BN-ReLU, 16 x 16 x 16
+    1: blocks[1], 12 x 16 x 16;  2: blocks[2], 16 x 8 x 8
+    3: blocks[4], 48 x 4 x 4;    4: blocks[6], 160 x 2 x 2
+Maps 1-4 are linear-bottleneck outputs with no ReLU after them, so
+``preact_feats`` holds the same tensors. ``pooled_feat`` is the pooled output of
+the 1x1 head conv (1280 wide).
+"""
 from torch import nn
 import torch.nn.functional as F
 
 from ...registry import CIFAR_MODELS
+from ..common import feature_dict, global_pool, init_conv_bn, init_linear
 
-# (expansion, output width, blocks, first stride) per stage; "T" stands for the expansion.
-STAGES = ((1, 16, 1, 1), ("T", 24, 2, 1), ("T", 32, 3, 2), ("T", 64, 4, 2), ("T", 96, 3, 1),
-          ("T", 160, 3, 2), ("T", 320, 1, 1))
+# (expansion or None for the model's, base width, blocks, first stride) per stage.
+STAGES = ((1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2),
+          (None, 96, 3, 1), (None, 160, 3, 2), (None, 320, 1, 1))
+# Stages whose outputs are the features (after the stem).
+FEATURE_STAGES = (1, 2, 4, 6)
 
 
 def conv_bn_relu(in_channels, out_channels, kernel, stride):
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2,
-                                   bias=False),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, bias=False),
+        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 class InvertedResidual(nn.Module):
-    """1x1 expand, 3x3 depthwise, 1x1 linear projection; residual when shapes match."""
+    """1x1 expansion, depthwise 3x3, linear 1x1 projection; a residual when the
+    shape is kept."""
 
     def __init__(self, in_channels, out_channels, stride, expansion):
         super().__init__()
@@ -33,54 +44,50 @@ class InvertedResidual(nn.Module):
             nn.Conv2d(hidden, out_channels, 1, 1, 0, bias=False), nn.BatchNorm2d(out_channels))
 
     def forward(self, x):
-        return x + self.conv(x) if self.residual else self.conv(x)
+        out = self.conv(x)
+        if self.residual:
+            out += x
+        return out
 
 
 class MobileNetV2(nn.Module):
-    """MobileNetV2; ``feats`` are the stem and the outputs of stages 1, 2, 4, 6
-    (linear bottlenecks, so they equal the pre-activations)."""
+    """Args:
+        expansion: the inverted residuals' expansion factor T.
+        width: the width multiplier.
+        num_classes: classifier outputs.
+    """
 
     def __init__(self, expansion=6, width=0.5, num_classes=100):
         super().__init__()
         channels = int(32 * width)
         self.conv1 = conv_bn_relu(3, channels, 3, 2)
-        blocks = []
-        for factor, out, count, stride in STAGES:
-            factor = expansion if factor == "T" else factor
-            out = int(out * width)
-            layers = []
+        self.blocks = nn.ModuleList()
+        for factor, base, count, stride in STAGES:
+            out = int(base * width)
+            units = []
             for index in range(count):
-                layers.append(InvertedResidual(channels, out, stride if index == 0 else 1, factor))
+                units.append(InvertedResidual(channels, out, stride if index == 0 else 1,
+                                              factor or expansion))
                 channels = out
-            blocks.append(nn.Sequential(*layers))
-        self.blocks = nn.ModuleList(blocks)
-        last = int(1280 * width) if width > 1.0 else 1280
-        self.conv2 = conv_bn_relu(channels, last, 1, 1)
-        self.classifier = nn.Sequential(nn.Linear(last, num_classes))
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                nn.init.normal_(module.weight, 0, math.sqrt(2.0 / fan_out))
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0, 0.01)
-                nn.init.zeros_(module.bias)
+            self.blocks.append(nn.Sequential(*units))
+        head = int(1280 * width) if width > 1.0 else 1280
+        self.conv2 = conv_bn_relu(channels, head, 1, 1)
+        self.classifier = nn.Sequential(nn.Linear(head, num_classes))
+        init_conv_bn(self)
+        init_linear(self, std=0.01)
 
     def forward(self, x):
         out = self.conv1(x)
         feats = [out]
-        for index, block in enumerate(self.blocks):
-            out = block(out)
-            if index in (1, 2, 4, 6):
+        for index, stage in enumerate(self.blocks):
+            out = stage(out)
+            if index in FEATURE_STAGES:
                 feats.append(out)
-        pooled = F.adaptive_avg_pool2d(self.conv2(out), 1).flatten(1)
-        return self.classifier(pooled), {"feats": feats, "preact_feats": list(feats),
-                                         "pooled_feat": pooled}
+        pooled = global_pool(self.conv2(out))
+        return self.classifier(pooled), feature_dict(feats, list(feats), pooled)
 
 
 @CIFAR_MODELS.register("MobileNetV2")
 def mobilenet_v2_half(num_classes=100):
-    """MobileNetV2 with expansion 6 and width 0.5 (mdistiller's mobile_half)."""
+    """MobileNetV2, expansion 6, width 0.5 (mdistiller's ``mobile_half``)."""
     return MobileNetV2(6, 0.5, num_classes)

@@ -1,44 +1,55 @@
-"""CIFAR ResNets (He et al. 2016) with mdistiller's parameter names.
+"""CIFAR ResNets (He et al. 2016), parameter names as in mdistiller.
 
-resnet8 ... resnet110 use widths (16, 16, 32, 64); resnet8x4 and resnet32x4
-use (32, 64, 128, 256). Depth 6n+2 gives n basic blocks per stage.
+resnet8 ... resnet110 have widths (16, 16, 32, 64); resnet8x4 and resnet32x4
+(32, 64, 128, 256). Depth 6n+2 means n basic blocks in each of three stages.
+
+``feats`` for a 32x32 input (``W`` = the widths):
+    0: stem conv-BN-ReLU, W[0] x 32 x 32
+    1: layer1, W[1] x 32 x 32;  2: layer2, W[2] x 16 x 16;  3: layer3, W[3] x 8 x 8
+all post-ReLU; ``preact_feats`` 1-3 are the last residual sums before that ReLU.
 """
 from torch import nn
 import torch.nn.functional as F
 
 from ...registry import CIFAR_MODELS
+from ..common import feature_dict, global_pool, init_conv_bn
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with a residual; returns the output and the
-    pre-ReLU sum (the stage's pre-activation feature)."""
+    """conv3x3-BN-ReLU-conv3x3-BN plus the shortcut, then ReLU.
 
-    def __init__(self, in_channels, channels, stride=1):
+    The last block of a stage (``returns_preact``) returns ``(output, sum)`` so the
+    stage's pre-activation comes for free; the others return the output only.
+    """
+
+    def __init__(self, in_channels, channels, stride=1, returns_preact=False):
         super().__init__()
+        self.returns_preact = returns_preact
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
         self.downsample = None
         if stride != 1 or in_channels != channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
-                                            nn.BatchNorm2d(channels))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
 
     def forward(self, x):
-        shortcut = x if self.downsample is None else self.downsample(x)
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        preact = self.bn2(self.conv2(out)) + shortcut
-        return F.relu(preact), preact
+        out = self.bn2(self.conv2(out))
+        out += x if self.downsample is None else self.downsample(x)
+        if self.returns_preact:
+            return F.relu(out), out
+        return F.relu(out, inplace=True)
 
 
-class Stage(nn.Sequential):
-    """A sequence of blocks that also hands back the last block's pre-activation."""
-
-    def forward(self, x):
-        preact = None
-        for block in self:
-            x, preact = block(x)
-        return x, preact
+def make_stage(block, in_channels, channels, count, stride):
+    """``count`` blocks; the first may change width and stride, the last returns
+    its pre-activation too (so the Sequential's output is a pair)."""
+    return nn.Sequential(*[
+        block(in_channels if index == 0 else channels * getattr(block, "expansion", 1),
+              channels, stride if index == 0 else 1, returns_preact=index == count - 1)
+        for index in range(count)])
 
 
 class CifarResNet(nn.Module):
@@ -46,48 +57,39 @@ class CifarResNet(nn.Module):
 
     Args:
         depth: 6n + 2 (8, 14, 20, 32, 44, 56, 110).
-        widths: stem width, then the three stage widths.
+        widths: the stem width, then the three stage widths.
         num_classes: classifier outputs.
     """
 
     def __init__(self, depth, widths, num_classes=100):
         super().__init__()
-        if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
-        blocks = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
+        count = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
-        in_channels = widths[0]
-        for index, (channels, stride) in enumerate(zip(widths[1:], (1, 2, 2)), start=1):
-            stage = Stage(*[BasicBlock(in_channels if i == 0 else channels, channels,
-                                       stride if i == 0 else 1) for i in range(blocks)])
-            setattr(self, f"layer{index}", stage)
-            in_channels = channels
-        self.fc = nn.Linear(in_channels, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        self.layer1 = make_stage(BasicBlock, widths[0], widths[1], count, 1)
+        self.layer2 = make_stage(BasicBlock, widths[1], widths[2], count, 2)
+        self.layer3 = make_stage(BasicBlock, widths[2], widths[3], count, 2)
+        self.fc = nn.Linear(widths[3], num_classes)
+        init_conv_bn(self)
 
     def forward(self, x):
-        stem = F.relu(self.bn1(self.conv1(x)))
-        feats, preacts = [stem], [stem]
-        x = stem
-        for stage in (self.layer1, self.layer2, self.layer3):
-            x, preact = stage(x)
-            feats.append(x)
-            preacts.append(preact)
-        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return self.fc(pooled), {"feats": feats, "preact_feats": preacts, "pooled_feat": pooled}
+        stem = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out1, pre1 = self.layer1(stem)
+        out2, pre2 = self.layer2(out1)
+        out3, pre3 = self.layer3(out2)
+        pooled = global_pool(out3)
+        return self.fc(pooled), feature_dict([stem, out1, out2, out3],
+                                             [stem, pre1, pre2, pre3], pooled)
 
 
 def _register(name, depth, widths):
     def build(num_classes=100):
         return CifarResNet(depth, widths, num_classes)
+
     build.__name__ = name
-    build.__doc__ = f"{name}: CIFAR ResNet of depth {depth}, widths {widths}."
+    build.__doc__ = f"{name}: CIFAR ResNet, depth {depth}, widths {widths}."
     CIFAR_MODELS.register(name, build)
 
 

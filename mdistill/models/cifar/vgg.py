@@ -1,15 +1,23 @@
-"""VGG with batch norm for 32x32 images, mdistiller's parameter names.
+"""VGG with batch norm for 32x32 images, parameter names as in mdistiller
+(``vgg8`` ... ``vgg19`` are its ``vgg*_bn``).
 
-Five blocks of 3x3 convolutions (with bias) + BN + ReLU; the last ReLU of a
-block is applied in ``forward`` so the pre-activation can be returned.
+Each of the five blocks is a Sequential of (conv3x3 with bias, BN, ReLU) with
+the block's last ReLU left out, so ``block<i>.<j>`` keys match and the forward
+keeps the pre-activation. Max-pooling follows blocks 0-2 (and 3 on 64x64 inputs).
+
+``feats`` for a 32x32 input, all post-ReLU:
+    0: block0, 64 x 32 x 32;   1: block1, 128 x 16 x 16;  2: block2, 256 x 8 x 8
+    3: block3, 512 x 4 x 4;    4: block4, 512 x 4 x 4
+``preact_feats`` 1-4 are the same maps before the ReLU (0 equals feats[0]).
 """
 from torch import nn
 import torch.nn.functional as F
 
 from ...registry import CIFAR_MODELS
+from ..common import feature_dict, global_pool, init_conv_bn, init_linear
 
-# Output widths of the convolutions in each of the five blocks.
-VGG_BLOCKS = {
+# Convolution widths of the five blocks.
+LAYOUTS = {
     "vgg8": ((64,), (128,), (256,), (512,), (512,)),
     "vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512)),
     "vgg13": ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
@@ -28,55 +36,45 @@ def _block(in_channels, widths):
 
 
 class VGG(nn.Module):
-    """VGG-BN; max-pooling between blocks 0-3 (and before block 4 on 64x64 inputs).
-
-    Args:
-        blocks: widths of each block's convolutions.
+    """Args:
+        layout: the convolution widths of each of the five blocks.
         num_classes: classifier outputs.
     """
 
-    def __init__(self, blocks, num_classes=100):
+    def __init__(self, layout, num_classes=100):
         super().__init__()
         in_channels = 3
-        for index, widths in enumerate(blocks):
+        for index, widths in enumerate(layout):
             setattr(self, f"block{index}", _block(in_channels, widths))
             in_channels = widths[-1]
         self.classifier = nn.Linear(in_channels, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0, 0.01)
-                nn.init.zeros_(module.bias)
+        init_conv_bn(self)
+        init_linear(self, std=0.01)
 
     def forward(self, x):
-        large = x.shape[2] == 64
-        stem = F.relu(self.block0(x))
-        feats, preacts = [stem], [stem]
-        x = F.max_pool2d(stem, 2)
-        for index in range(1, 5):
-            preact = getattr(self, f"block{index}")(x)
-            x = F.relu(preact)
-            feats.append(x)
+        pool_block3 = x.shape[2] == 64
+        out = F.relu(self.block0(x), inplace=True)
+        feats, preacts = [out], [out]
+        out = F.max_pool2d(out, 2)
+        for index, block in enumerate((self.block1, self.block2, self.block3, self.block4), 1):
+            preact = block(out)
+            out = F.relu(preact)
+            feats.append(out)
             preacts.append(preact)
-            if index < 3 or (index == 3 and large):
-                x = F.max_pool2d(x, 2)
-        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return self.classifier(pooled), {"feats": feats, "preact_feats": preacts,
-                                         "pooled_feat": pooled}
+            if index < 3 or (index == 3 and pool_block3):
+                out = F.max_pool2d(out, 2)
+        pooled = global_pool(out)
+        return self.classifier(pooled), feature_dict(feats, preacts, pooled)
 
 
 def _register(name):
     def build(num_classes=100):
-        return VGG(VGG_BLOCKS[name], num_classes)
+        return VGG(LAYOUTS[name], num_classes)
+
     build.__name__ = name
-    build.__doc__ = f"{name} with batch norm for 32x32 images."
+    build.__doc__ = f"{name} with batch norm, for 32x32 images."
     CIFAR_MODELS.register(name, build)
 
 
-for _name in VGG_BLOCKS:
+for _name in LAYOUTS:
     _register(_name)

@@ -1,92 +1,113 @@
-"""Wide ResNets (Zagoruyko & Komodakis 2016) with mdistiller's parameter names.
+"""Wide ResNets (Zagoruyko & Komodakis 2016), parameter names as in mdistiller.
 
-wrn_<depth>_<widen>: depth 6n+4, stage widths 16k, 32k, 64k. Blocks are
-pre-activation (BN, ReLU, conv); ``feats`` are the raw block outputs.
+wrn_<depth>_<k>: depth 6n+4, n pre-activation blocks (BN-ReLU-conv, twice) in
+each of three groups of widths 16k, 32k, 64k; a final BN-ReLU before pooling.
+
+``feats`` for a 32x32 input are the raw outputs (no ReLU, so they hold negative
+values):
+    0: the stem convolution, 16 x 32 x 32
+    1: block1, 16k x 32 x 32;  2: block2, 32k x 16 x 16;  3: block3, 64k x 8 x 8
+``preact_feats`` 1-3 are those maps after the BN that follows them (block2's and
+block3's first ``bn1``, then the top-level ``bn1``), the last step before a ReLU.
 """
 from torch import nn
 import torch.nn.functional as F
 
 from ...registry import CIFAR_MODELS
+from ..common import feature_dict, global_pool, init_conv_bn, init_linear
 
 
 class WideBlock(nn.Module):
-    """BN-ReLU-conv twice, with a 1x1 projection shortcut when the shape changes.
+    """BN-ReLU-conv3x3, BN-ReLU-conv3x3, plus the shortcut.
 
-    As in the reference implementation, a block whose width changes applies
-    its first BN-ReLU to the input before splitting into the two paths.
+    A block that changes the width feeds the BN-ReLU'd input to both paths (the
+    1x1 ``convShortcut`` included); one that keeps it adds its raw input. A block
+    made with ``returns_normed_input`` also returns ``bn1(x)``, the preceding
+    stage's pre-activation feature.
     """
 
-    def __init__(self, in_channels, channels, stride):
+    def __init__(self, in_channels, channels, stride, returns_normed_input=False):
         super().__init__()
+        self.returns_normed_input = returns_normed_input
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.same_shape = in_channels == channels
-        self.convShortcut = None if self.same_shape else nn.Conv2d(
-            in_channels, channels, 1, stride, 0, bias=False)
+        self.convShortcut = None
+        if in_channels != channels:
+            self.convShortcut = nn.Conv2d(in_channels, channels, 1, stride, 0, bias=False)
 
     def forward(self, x):
-        activated = F.relu(self.bn1(x))
+        normed = self.bn1(x)
+        activated = F.relu(normed, inplace=not self.returns_normed_input)
         out = F.relu(self.bn2(self.conv1(activated)), inplace=True)
         out = self.conv2(out)
-        shortcut = x if self.same_shape else self.convShortcut(activated)
-        return out + shortcut
+        out += x if self.convShortcut is None else self.convShortcut(activated)
+        if self.returns_normed_input:
+            return out, normed
+        return out
 
 
 class WideGroup(nn.Module):
-    """One stage: ``layer`` holds its blocks (mdistiller's NetworkBlock)."""
+    """One group of blocks, kept in ``layer`` as mdistiller's NetworkBlock.
 
-    def __init__(self, blocks, in_channels, channels, stride):
+    ``forward`` returns ``(output, bn1 of the input)``; the second is None unless
+    the group was made with ``returns_normed_input``.
+    """
+
+    def __init__(self, count, in_channels, channels, stride, returns_normed_input=False):
         super().__init__()
-        self.layer = nn.Sequential(*[WideBlock(in_channels if i == 0 else channels, channels,
-                                               stride if i == 0 else 1) for i in range(blocks)])
+        self.returns_normed_input = returns_normed_input
+        self.layer = nn.Sequential(*[
+            WideBlock(in_channels if index == 0 else channels, channels,
+                      stride if index == 0 else 1, returns_normed_input and index == 0)
+            for index in range(count)])
 
     def forward(self, x):
-        return self.layer(x)
+        blocks = iter(self.layer)
+        out = next(blocks)(x)
+        normed = None
+        if self.returns_normed_input:
+            out, normed = out
+        for block in blocks:
+            out = block(out)
+        return out, normed
 
 
 class WideResNet(nn.Module):
-    """Wide ResNet for 32x32 images.
-
-    Args:
+    """Args:
         depth: 6n + 4 (16, 40, ...).
-        widen: width multiplier k.
+        widen: the width multiplier k.
         num_classes: classifier outputs.
     """
 
     def __init__(self, depth, widen, num_classes=100):
         super().__init__()
-        if (depth - 4) % 6:
-            raise ValueError(f"WRN depth must be 6n+4, got {depth}")
-        blocks = (depth - 4) // 6
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4 with n >= 1, got {depth}")
+        count = (depth - 4) // 6
         widths = (16, 16 * widen, 32 * widen, 64 * widen)
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        self.block1 = WideGroup(blocks, widths[0], widths[1], 1)
-        self.block2 = WideGroup(blocks, widths[1], widths[2], 2)
-        self.block3 = WideGroup(blocks, widths[2], widths[3], 2)
+        self.block1 = WideGroup(count, widths[0], widths[1], 1)
+        self.block2 = WideGroup(count, widths[1], widths[2], 2, returns_normed_input=True)
+        self.block3 = WideGroup(count, widths[2], widths[3], 2, returns_normed_input=True)
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
+        init_conv_bn(self)
+        init_linear(self)
 
     def forward(self, x):
         stem = self.conv1(x)
-        out1 = self.block1(stem)
-        out2 = self.block2(out1)
-        out3 = self.block3(out2)
-        final = self.bn1(out3)
-        pooled = F.adaptive_avg_pool2d(F.relu(final), 1).flatten(1)
-        # Pre-activations: each stage output after the BN that follows it.
-        preacts = [stem, self.block2.layer[0].bn1(out1), self.block3.layer[0].bn1(out2), final]
-        return self.fc(pooled), {"feats": [stem, out1, out2, out3], "preact_feats": preacts,
-                                 "pooled_feat": pooled}
+        out1, _ = self.block1(stem)
+        out2, pre1 = self.block2(out1)
+        out3, pre2 = self.block3(out2)
+        pre3 = self.bn1(out3)
+        pooled = global_pool(F.relu(pre3))
+        # mdistiller gets pre1 and pre2 by calling the next group's bn1 a second
+        # time, which in training also updates that BN's running statistics twice
+        # per step; taking the value the block computes anyway avoids both.
+        return self.fc(pooled), feature_dict([stem, out1, out2, out3],
+                                             [stem, pre1, pre2, pre3], pooled)
 
 
 def _register(depth, widen):
@@ -94,6 +115,7 @@ def _register(depth, widen):
 
     def build(num_classes=100):
         return WideResNet(depth, widen, num_classes)
+
     build.__name__ = name
     build.__doc__ = f"{name}: Wide ResNet, depth {depth}, widen factor {widen}."
     CIFAR_MODELS.register(name, build)

@@ -1,0 +1,125 @@
+"""Comparing real runs: the table, the plot, hparams, eval on a glob, determinism."""
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import ROOT, tiny_opts
+from mdistill.engine.compare import format_table, load_runs, plot_curves, summarize
+from mdistill.engine.launch import train
+from mdistill.errors import UserError
+
+CONFIG = os.path.join(ROOT, "configs/cifar100/kd.yaml")
+
+
+@pytest.fixture(scope="module")
+def runs(cifar_root, teacher_file, tmp_path_factory):
+    """Three real tiny runs: the student alone (seeds 0, 1) and KD (seed 0)."""
+    prefix = tmp_path_factory.mktemp("runs")
+    folders = []
+    for method, seed in (("NONE", 0), ("NONE", 1), ("KD", 0)):
+        opts = tiny_opts(cifar_root, prefix, "DISTILLER.TYPE", method, "EXPERIMENT.SEED",
+                         str(seed), "DISTILLER.TEACHER", "resnet20", "DISTILLER.STUDENT",
+                         "resnet8", "DISTILLER.TEACHER_WEIGHTS", teacher_file)
+        folders.append(train(CONFIG, opts)[0])
+    return prefix, folders
+
+
+def metrics(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_table_numbers_come_from_the_runs_logs(runs):
+    prefix, folders = runs
+    # Readable names: method, teacher, student, seed, then the overrides.
+    assert [os.path.basename(f) for f in folders] == [
+        f"{name},BATCH_SIZE=32,LR_DECAY_STAGES=1" for name in
+        ("vanilla,resnet8,seed0", "vanilla,resnet8,seed1", "kd,resnet20,resnet8,seed0")]
+    rows = summarize(load_runs([str(prefix)]))
+    alone, kd = rows                                        # "student alone" sorts first
+    assert alone["method"] == "student alone" and alone["seeds"] == [0, 1]
+    best = [max(r["test"]["top1"] for r in metrics(f)) for f in folders[:2]]
+    last = [metrics(f)[-1]["test"]["top1"] for f in folders[:2]]
+    assert alone["best"] == pytest.approx((statistics.fmean(best), statistics.stdev(best)))
+    assert alone["last"] == pytest.approx((statistics.fmean(last), statistics.stdev(last)))
+    assert kd["method"] == "KD" and kd["teacher"] == "resnet20" and kd["best"][1] is None
+    assert alone["epochs"] == "2/2"
+    table = format_table(rows)
+    assert f"{statistics.fmean(best):.2f} ± {statistics.stdev(best):.2f}" in table
+    csv = format_table(rows, "csv").splitlines()
+    assert csv[0].startswith("dataset,teacher,student,method,best_mean") and len(csv) == 3
+
+
+def test_plot_is_a_valid_png(runs, tmp_path):
+    prefix, _ = runs
+    path = plot_curves(load_runs([str(prefix)]), str(tmp_path / "curves.png"))
+    with open(path, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_hparams_are_in_the_event_files(runs):
+    _, folders = runs
+    accumulator = EventAccumulator(folders[2])
+    accumulator.Reload()
+    plugins = accumulator.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" in plugins and "_hparams_/session_start_info" in plugins
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        plugins["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["method"].string_value == "KD"
+    assert start.hparams["teacher"].string_value == "resnet20"
+    assert start.hparams["KD.TEMPERATURE"].number_value == 4.0
+    best = accumulator.Scalars("hparam/best_top1")[-1].value
+    assert best == pytest.approx(max(r["test"]["top1"] for r in metrics(folders[2])))
+
+
+def test_compare_and_eval_command_lines(runs, tmp_path):
+    prefix, folders = runs
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools/compare.py"),
+                             str(prefix), "--plot", str(tmp_path / "c.png")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "| cifar100 | - | resnet8 | student alone |" in result.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools/compare.py"), str(empty)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: no runs")
+    # eval.py over a glob evaluates every run's student_best.
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools/eval.py"),
+                             os.path.join(str(prefix), "*", "*"), "--device", "cpu", "--json",
+                             str(tmp_path / "e.json"), "--throughput"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "e.json") as handle:
+        rows = json.load(handle)
+    assert sorted(os.path.dirname(row["path"]) for row in rows) == sorted(folders)
+    for row in rows:
+        best = max(r["test"]["top1"] for r in metrics(os.path.dirname(row["path"])))
+        assert row["top1"] == pytest.approx(best) and row["images_per_sec"] > 0
+
+
+def test_load_runs_without_runs_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="no runs"):
+        load_runs([str(tmp_path)])
+
+
+def test_deterministic_mode_reproduces_a_run_exactly(cifar_root, teacher_file, tmp_path):
+    histories = []
+    for name in ("first", "second"):
+        opts = tiny_opts(cifar_root, tmp_path, "DISTILLER.TEACHER", "resnet20",
+                         "DISTILLER.STUDENT", "resnet8", "DISTILLER.TEACHER_WEIGHTS",
+                         teacher_file, "SOLVER.DETERMINISTIC", "True", "EXPERIMENT.NAME", name,
+                         "DISTILLER.TYPE", "CRD", "CRD.NCE.K", "32")
+        run_dir, _ = train(CONFIG, opts)
+        histories.append([(r["train"], r["test"]) for r in metrics(run_dir)])
+    assert histories[0] == histories[1]
