@@ -20,43 +20,79 @@ INPUTS = ("logits", "probs", "feature")
 
 
 class Discriminator(nn.Module):
-    """MLP on a class vector: widths -> hidden... -> 1 logit, LeakyReLU(0.2), no BN."""
+    """MLP on a class vector: ``in -> hidden[0] -> ... -> 1`` logit, LeakyReLU(0.2)
+    between layers, no BatchNorm (batch statistics would let D compare the real and
+    fake batches instead of judging samples).
+
+    Args:
+        in_features: width of the input vector (the number of classes).
+        hidden: hidden widths.
+        spectral_norm: wrap every linear layer in spectral normalisation.
+    """
 
     def __init__(self, in_features, hidden=(256, 128), spectral_norm=False):
         super().__init__()
         layers, width = [], in_features
         for size in list(hidden) + [1]:
             linear = nn.Linear(width, size)
-            layers.append(nn.utils.parametrizations.spectral_norm(linear) if spectral_norm
-                          else linear)
-            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            if spectral_norm:
+                linear = nn.utils.parametrizations.spectral_norm(linear)
+            layers += [linear, nn.LeakyReLU(0.2)]
             width = size
-        self.net = nn.Sequential(*layers[:-1])
+        self.net = nn.Sequential(*layers[:-1])          # no activation on the output
 
     def forward(self, x):
+        """``[B, in_features] -> [B]`` scores (logits for "bce")."""
         return self.net(x).squeeze(1)
 
 
+class FixedProjection(nn.Module):
+    """A linear map frozen at its random initialisation (weights kept as buffers, so
+    they are checkpointed but no optimizer sees them)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        linear = nn.Linear(in_features, out_features)
+        self.register_buffer("weight", linear.weight.detach().clone())
+        self.register_buffer("bias", linear.bias.detach().clone())
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
 def discriminator_loss(real_scores, fake_scores, kind, real_label=1.0):
-    """D's loss: teacher outputs are real, student outputs fake."""
+    """D's loss: teacher outputs are real, student outputs fake.
+
+    * ``bce``: ``BCE(d_real, real_label) + BCE(d_fake, 0)`` on logits;
+    * ``lsgan``: ``mean((d_real - real_label)^2) + mean(d_fake^2)``;
+    * ``hinge``: ``mean(relu(1 - d_real)) + mean(relu(1 + d_fake))`` (``real_label`` unused).
+    """
     if kind == "bce":
-        real = F.binary_cross_entropy_with_logits(real_scores, torch.full_like(real_scores,
-                                                                               real_label))
+        real = F.binary_cross_entropy_with_logits(real_scores,
+                                                  torch.full_like(real_scores, real_label))
         fake = F.binary_cross_entropy_with_logits(fake_scores, torch.zeros_like(fake_scores))
         return real + fake
     if kind == "lsgan":
         return (real_scores - real_label).pow(2).mean() + fake_scores.pow(2).mean()
-    return F.relu(1 - real_scores).mean() + F.relu(1 + fake_scores).mean()
+    if kind == "hinge":
+        return F.relu(1 - real_scores).mean() + F.relu(1 + fake_scores).mean()
+    raise unknown_choice("GAN loss", kind, GAN_LOSSES)
 
 
 def generator_loss(fake_scores, kind, real_label=1.0):
-    """The student's loss for D's verdict on its outputs: be taken for real."""
+    """The student's loss for D's verdict on its outputs: to be taken for real.
+
+    ``bce``: ``BCE(d_fake, real_label)``; ``lsgan``: ``mean((d_fake - real_label)^2)``;
+    ``hinge``: ``-mean(d_fake)``.
+    """
     if kind == "bce":
-        return F.binary_cross_entropy_with_logits(fake_scores, torch.full_like(fake_scores,
-                                                                               real_label))
+        return F.binary_cross_entropy_with_logits(fake_scores,
+                                                  torch.full_like(fake_scores, real_label))
     if kind == "lsgan":
         return (fake_scores - real_label).pow(2).mean()
-    return -fake_scores.mean()
+    if kind == "hinge":
+        return -fake_scores.mean()
+    raise unknown_choice("GAN loss", kind, GAN_LOSSES)
 
 
 @DISTILLERS.register("ADVKD")
@@ -64,25 +100,53 @@ class AdvKD(Distiller):
     """KD plus an adversarial term from a discriminator on the outputs.
 
     Every training step first updates D (``d_steps`` times, on detached
-    inputs, fp32, its own Adam), then computes the student's losses with D
-    frozen: ``ce_weight * CE + kd_weight * KD(T) + lambda(epoch) * adversarial``
-    with ``lambda(epoch) = adv_weight * min(epoch / warmup_epochs, 1)``.
-    With ``adv_weight`` 0 the student's losses are exactly KD's.
+    inputs, in fp32, with its own Adam), then computes the student's losses
+    with D frozen::
+
+        loss_ce  = ce_weight * CE
+        loss_kd  = kd_weight * KD(T)
+        loss_adv = lambda(epoch) * generator_loss(D(student input))
+        lambda(epoch) = adv_weight * min(epoch / warmup_epochs, 1)   (adv_weight if warm-up 0)
+
+    With ``adv_weight`` 0, ``loss_ce`` and ``loss_kd`` are exactly KD's and
+    ``loss_adv`` is 0. The trainer schedules and checkpoints D's optimizer
+    (:meth:`auxiliary_optimizers`); DDP leaves D alone and its gradients are
+    averaged here.
+
+    What D sees (``input_kind``):
+
+    * ``"logits"``: the raw logits; ``"probs"``: their softmax at temperature 1;
+    * ``"feature"``: the pooled features mapped to ``num_classes`` wide vectors.
+      The student's map is a trainable linear layer that trains with the
+      student (it is part of the generator). The teacher's map is a linear
+      layer *frozen* at its random initialisation: it defines the "real"
+      distribution, which must stay put for the game to have an equilibrium.
+      Were D's optimizer to train it, D could move the real samples away from
+      the fakes at will (a bias suffices), and the student could never catch
+      up; the student's optimizer would give it no gradient at all.
+
+    Example::
+
+        advkd = AdvKD(student, teacher, num_classes=100, adv_weight=0.5, gan_loss="hinge")
+        advkd.train().on_epoch_start(1)
+        logits, losses = advkd(image, target)   # D has already taken its step
+        sum(losses.values()).backward()         # then the trainer steps the student
 
     Args:
         student, teacher: the models.
-        num_classes: width of the class vector D sees.
+        num_classes: width of the vector D sees.
         temperature, ce_weight, kd_weight: the KD part.
-        adv_weight, warmup_epochs: the adversarial weight and its linear warm-up.
-        input_kind: "logits", "probs" (softmax) or "feature" (pooled features
-            through a linear adapter per model to ``num_classes``; the student's
-            adapter trains with the student, the teacher's with D).
-        gan_loss: "bce", "lsgan" or "hinge".
+        adv_weight, warmup_epochs: the adversarial weight and its linear warm-up (epochs).
+        input_kind: ``"logits"``, ``"probs"`` or ``"feature"``.
+        gan_loss: ``"bce"``, ``"lsgan"`` or ``"hinge"``.
         d_steps: discriminator updates per student step.
-        real_label: target for "real" (below 1: one-sided label smoothing).
+        real_label: target for "real" in bce/lsgan (below 1: one-sided label smoothing).
         hidden, spectral_norm: D's hidden widths and spectral normalisation.
         d_lr, d_betas, d_weight_decay: D's Adam settings.
-        image_shape: input shape used to probe feature widths ("feature" input).
+        image_shape: input shape used to probe feature widths (``"feature"`` input).
+
+    Raises:
+        UserError: an unknown ``gan_loss`` or ``input_kind``.
     """
 
     def __init__(self, student, teacher, num_classes, temperature=4.0, ce_weight=0.1,
@@ -108,19 +172,19 @@ class AdvKD(Distiller):
             _, student_feats = probe_features(student, image_shape)
             _, teacher_feats = probe_features(teacher, image_shape)
             self.student_adapter = nn.Linear(student_feats["pooled_feat"].shape[1], num_classes)
-            self.teacher_adapter = nn.Linear(teacher_feats["pooled_feat"].shape[1], num_classes)
+            self.teacher_adapter = FixedProjection(teacher_feats["pooled_feat"].shape[1],
+                                                   num_classes)
         self.discriminator = Discriminator(num_classes, hidden, spectral_norm)
-        d_params = list(self.discriminator.parameters())
-        if input_kind == "feature":
-            d_params += list(self.teacher_adapter.parameters())
-        self.d_optimizer = torch.optim.Adam(d_params, lr=d_lr, betas=tuple(d_betas),
-                                            weight_decay=d_weight_decay)
+        self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=d_lr,
+                                            betas=tuple(d_betas), weight_decay=d_weight_decay)
 
     @classmethod
     def from_config(cls, cfg, student, teacher, data_info=None):
         options = cfg.ADVKD
         size = getattr(data_info, "image_size", 32)
-        num_classes = probe_features(student, (3, size, size))[0].shape[1]
+        num_classes = getattr(data_info, "num_classes", None)
+        if num_classes is None:
+            num_classes = probe_features(student, (3, size, size))[0].shape[1]
         return cls(student, teacher, num_classes, temperature=options.TEMPERATURE,
                    ce_weight=options.LOSS.CE_WEIGHT, kd_weight=options.LOSS.KD_WEIGHT,
                    adv_weight=options.LOSS.ADV_WEIGHT, warmup_epochs=options.ADV_WARMUP_EPOCHS,
@@ -132,8 +196,7 @@ class AdvKD(Distiller):
 
     # ------------------------------------------------------------ declarations
     def auxiliary_module_names(self):
-        names = ["discriminator"]
-        return names + (["teacher_adapter"] if self.input_kind == "feature" else [])
+        return ["discriminator"]
 
     def auxiliary_optimizers(self):
         return {"discriminator": self.d_optimizer}
@@ -141,21 +204,21 @@ class AdvKD(Distiller):
     def ddp_ignored_names(self):
         # D is stepped here, with its gradients averaged over processes explicitly.
         names = super().ddp_ignored_names()
-        for module_name in self.auxiliary_module_names():
-            module = getattr(self, module_name)
-            names += [f"{module_name}.{name}" for name, _ in module.named_parameters()]
-            names += [f"{module_name}.{name}" for name, _ in module.named_buffers()]
+        names += [f"discriminator.{name}" for name, _ in self.discriminator.named_parameters()]
+        names += [f"discriminator.{name}" for name, _ in self.discriminator.named_buffers()]
         return names
 
     def adversarial_weight(self, epoch=None):
-        """lambda(epoch) = adv_weight * min(epoch / warmup_epochs, 1)."""
+        """``lambda(epoch) = adv_weight * min(epoch / warmup_epochs, 1)``; the current
+        epoch (from :meth:`on_epoch_start`) when ``epoch`` is None."""
         epoch = self.epoch if epoch is None else epoch
         if self.warmup_epochs <= 0:
             return self.adv_weight
         return self.adv_weight * min(epoch / self.warmup_epochs, 1.0)
 
     # ------------------------------------------------------------------ steps
-    def _d_input(self, logits, feats, side):
+    def discriminator_input(self, logits, feats, side):
+        """The fp32 vector D sees for ``side`` ("student" or "teacher")."""
         if self.input_kind == "logits":
             return logits.float()
         if self.input_kind == "probs":
@@ -164,38 +227,46 @@ class AdvKD(Distiller):
         return adapter(feats["pooled_feat"].float())
 
     def discriminator_step(self, real, fake):
-        """One D update on detached inputs; returns (loss, acc on real, acc on fake)."""
+        """One D update on detached inputs.
+
+        Returns:
+            ``(loss, fraction of real called real, fraction of fake called fake)``,
+            from the scores before the update.
+        """
         self.d_optimizer.zero_grad(set_to_none=True)
-        real_scores = self.discriminator(real)
-        fake_scores = self.discriminator(fake)
+        real_scores = self.discriminator(real.detach())
+        fake_scores = self.discriminator(fake.detach())
         loss = discriminator_loss(real_scores, fake_scores, self.gan_loss, self.real_label)
         loss.backward()
-        average_gradients([p for group in self.d_optimizer.param_groups for p in group["params"]])
+        average_gradients(list(self.discriminator.parameters()))
         self.d_optimizer.step()
-        threshold = 0.0 if self.gan_loss in ("bce", "hinge") else 0.5
-        return (loss.detach(), (real_scores > threshold).float().mean(),
-                (fake_scores <= threshold).float().mean())
+        # The score halfway between D's targets for real and fake.
+        threshold = self.real_label / 2 if self.gan_loss == "lsgan" else 0.0
+        return (loss.detach(), (real_scores.detach() > threshold).float().mean(),
+                (fake_scores.detach() <= threshold).float().mean())
 
     def forward_train(self, image, target, **batch):
         logits, feats = self.student(image)
         teacher_logits, teacher_feats = self.teacher_forward(image)
+        weight = self.adversarial_weight()
+        # D and the adversarial term in fp32: D's scores feed exp/log in the GAN losses.
         with torch.autocast(image.device.type, enabled=False):
-            fake = self._d_input(logits, feats, "student")
-            for _ in range(self.d_steps):
-                # No gradient reaches the teacher (its outputs came without autograd); in
-                # "feature" mode the teacher's adapter, which D's optimizer owns, gets one.
-                real = self._d_input(teacher_logits, teacher_feats, "teacher")
-                d_loss, real_acc, fake_acc = self.discriminator_step(real, fake.detach())
+            fake = self.discriminator_input(logits, feats, "student")
+            real = self.discriminator_input(teacher_logits, teacher_feats, "teacher")
+            if self.training:
+                for _ in range(self.d_steps):
+                    d_loss, real_acc, fake_acc = self.discriminator_step(real, fake)
+                if self.d_steps > 0:
+                    self.log_diagnostic("d_loss", d_loss)
+                    self.log_diagnostic("d_acc_teacher", real_acc)
+                    self.log_diagnostic("d_acc_student", fake_acc)
+            # D frozen: the student's gradient flows through it, D's own does not.
             self.discriminator.requires_grad_(False)
             try:
                 adversarial = generator_loss(self.discriminator(fake), self.gan_loss,
                                              self.real_label)
             finally:
                 self.discriminator.requires_grad_(True)
-        weight = self.adversarial_weight()
-        self.log_diagnostic("d_loss", d_loss)
-        self.log_diagnostic("d_acc_teacher", real_acc)
-        self.log_diagnostic("d_acc_student", fake_acc)
         self.log_diagnostic("adv_weight", weight)
         return logits, {
             "loss_ce": self.ce_weight * F.cross_entropy(logits.float(), target),

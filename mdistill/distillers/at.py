@@ -1,4 +1,5 @@
 """AT: Zagoruyko & Komodakis, "Paying More Attention to Attention" (ICLR 2017)."""
+import torch
 import torch.nn.functional as F
 
 from ..registry import DISTILLERS
@@ -6,13 +7,28 @@ from .base import Distiller
 
 
 def attention_map(feature, p):
-    """Mean over channels of |f|^p, flattened and L2-normalised per sample (fp32)."""
+    """Mean over channels of ``f ** p``, flattened and L2-normalised per sample.
+
+    As mdistiller, ``f ** p`` without an absolute value: the same for the
+    default even ``p``.
+    """
     return F.normalize(feature.float().pow(p).mean(dim=1).flatten(1), dim=1)
 
 
 def at_loss(student_feature, teacher_feature, p):
-    """Mean squared difference of the attention maps; the larger map is average-pooled
-    to the smaller one's size first."""
+    """Mean squared difference of the two attention maps, in fp32.
+
+    When the spatial sizes differ the larger feature map is average-pooled
+    to the smaller one's size before its attention map is taken.
+
+    Args:
+        student_feature, teacher_feature: ``[B, C, H, W]`` maps (channels may differ).
+        p: the exponent.
+
+    Returns:
+        A scalar tensor.
+    """
+    student_feature, teacher_feature = student_feature.float(), teacher_feature.float()
     s_size, t_size = student_feature.shape[2], teacher_feature.shape[2]
     if s_size > t_size:
         student_feature = F.adaptive_avg_pool2d(student_feature, teacher_feature.shape[2:])
@@ -23,7 +39,11 @@ def at_loss(student_feature, teacher_feature, p):
 
 @DISTILLERS.register("AT")
 class AT(Distiller):
-    """Cross-entropy plus attention transfer on every stage (feats[1:]).
+    """Cross-entropy plus attention transfer on every stage (``feats[1:]``).
+
+    ``loss_ce = ce_weight * CE`` and ``loss_feat = feat_weight * sum over
+    stages of at_loss``; when one model has more stages, the extra ones are
+    left out (stages are paired from the first).
 
     Args:
         student, teacher: the models.
@@ -45,7 +65,11 @@ class AT(Distiller):
     def forward_train(self, image, target, **batch):
         logits, feats = self.student(image)
         _, teacher_feats = self.teacher_forward(image)
-        pairs = zip(feats["feats"][1:], teacher_feats["feats"][1:])
-        loss = sum(at_loss(student, teacher, self.p) for student, teacher in pairs)
+        pairs = list(zip(feats["feats"][1:], teacher_feats["feats"][1:]))
+        # fp32 throughout: squares of fp16 activations overflow and their
+        # normalised differences underflow.
+        with torch.autocast(image.device.type, enabled=False):
+            transfer = sum((at_loss(student, teacher, self.p) for student, teacher in pairs),
+                           torch.zeros((), device=image.device))
         return logits, {"loss_ce": self.ce_weight * F.cross_entropy(logits.float(), target),
-                        "loss_feat": self.feat_weight * loss}
+                        "loss_feat": self.feat_weight * transfer}

@@ -12,7 +12,7 @@ from .base import Distiller, probe_features
 
 
 class Embed(nn.Module):
-    """Linear projection followed by L2 normalisation."""
+    """Linear projection followed by L2 normalisation, in fp32."""
 
     def __init__(self, in_features, out_features):
         super().__init__()
@@ -22,12 +22,23 @@ class Embed(nn.Module):
         return F.normalize(self.linear(x.flatten(1).float()), dim=1)
 
 
-def nce_loss(scores, num_data):
-    """CRD's NCE loss over ``scores`` [B, K+1] (column 0 the positive), with the
-    noise distribution uniform over the ``num_data`` samples."""
-    negatives = scores.shape[1] - 1
-    noise = negatives / num_data                       # K * Pn
-    eps = 1e-7
+def nce_loss(scores, num_data, eps=1e-7):
+    """CRD's NCE loss, averaged over the batch.
+
+    With ``m = K`` negatives and the uniform noise ``Pn = 1 / num_data``, a
+    score ``P`` is taken from the data with probability ``P / (P + m Pn)``:
+    ``loss = -(log h(positive) + sum over negatives of log(1 - h(negative)))``.
+
+    Args:
+        scores: ``[B, K + 1]`` normalised scores ``exp(<v, memory row> / T) / Z``,
+            column 0 the positive.
+        num_data: the number of training samples (memory rows).
+        eps: added to the denominators, as CRD.
+
+    Returns:
+        A scalar tensor.
+    """
+    noise = (scores.shape[1] - 1) / num_data             # m * Pn
     log_positive = torch.log(scores[:, 0] / (scores[:, 0] + noise + eps))
     log_negative = torch.log(noise / (scores[:, 1:] + noise + eps))
     return -(log_positive.sum() + log_negative.sum()) / scores.shape[0]
@@ -37,18 +48,30 @@ def nce_loss(scores, num_data):
 class CRD(Distiller):
     """Cross-entropy plus the contrastive loss between student and teacher embeddings.
 
-    Each side's embedding is contrasted with the other side's memory bank: the
-    row of the sample itself (or a same-class sample in "relax" mode) is the
-    positive, K rows of other classes are negatives.
+    Each side's embedding is scored against the *other* side's memory bank:
+    the row of column 0 of ``contrastive_index`` (the sample itself, or a
+    same-class sample in "relax" mode) is the positive, the other K rows,
+    from other classes, the negatives. ``loss_ce = ce_weight * CE`` and
+    ``loss_feat = feat_weight * (NCE(student vs teacher memory) + NCE(teacher
+    vs student memory))``. After the loss, the banks' rows of the batch's
+    samples move towards the new embeddings (momentum, then re-normalised),
+    with every process's batch, so the banks stay identical across processes.
+
+    The banks (``memory_student``, ``memory_teacher``) and the normalisation
+    constants (``z_student``, ``z_teacher``, estimated on the first batch as
+    ``mean score * num_data`` and then fixed) are buffers: saved in
+    checkpoints and left alone by DistributedDataParallel.
 
     Args:
         student, teacher: the models.
         num_data: training set size (memory bank rows).
-        sampler: callable ``(index, target) -> [B, K+1]`` contrastive indices.
+        sampler: callable ``(index, target) -> LongTensor [B, K+1]``, e.g. a
+            :class:`~mdistill.data.ContrastiveSampler`; the loader adds its
+            result to each batch as ``contrastive_index``.
         feat_dim: embedding width.
         ce_weight, feat_weight: weights of cross-entropy and the contrastive loss.
         temperature: NCE temperature.
-        momentum: memory update momentum.
+        momentum: memory update momentum (the old row's share).
         image_shape: input shape used to probe the pooled feature widths.
     """
 
@@ -65,18 +88,20 @@ class CRD(Distiller):
         self.feat_weight = feat_weight
         self.temperature = temperature
         self.momentum = momentum
+        # CRD's initialisation: uniform in [-stdv, stdv] with stdv = 1 / sqrt(dim / 3),
+        # so each row has an expected squared norm of 1.
         bound = 1.0 / math.sqrt(feat_dim / 3)
         self.register_buffer("memory_student", torch.rand(num_data, feat_dim) * 2 * bound - bound)
         self.register_buffer("memory_teacher", torch.rand(num_data, feat_dim) * 2 * bound - bound)
-        # Normalisation constants, estimated on the first batch and then fixed (-1: unset).
-        self.register_buffer("z_student", torch.tensor(-1.0))
+        self.register_buffer("z_student", torch.tensor(-1.0))   # -1: not estimated yet
         self.register_buffer("z_teacher", torch.tensor(-1.0))
 
     @classmethod
     def from_config(cls, cfg, student, teacher, data_info=None):
+        # CRD.FEAT.STUDENT_DIM / TEACHER_DIM are not read: the widths are probed.
         sampler = ContrastiveSampler(data_info.train_targets, cfg.CRD.NCE.K, mode=cfg.CRD.MODE,
                                      seed=cfg.EXPERIMENT.SEED, rank=get_rank())
-        size = data_info.image_size
+        size = getattr(data_info, "image_size", 32)
         return cls(student, teacher, num_data=len(data_info.train_targets), sampler=sampler,
                    feat_dim=cfg.CRD.FEAT.DIM, ce_weight=cfg.CRD.LOSS.CE_WEIGHT,
                    feat_weight=cfg.CRD.LOSS.FEAT_WEIGHT, temperature=cfg.CRD.NCE.TEMPERATURE,
@@ -86,12 +111,13 @@ class CRD(Distiller):
         return {"contrastive_index": self.sampler}
 
     def ddp_ignored_names(self):
-        # Kept identical on every process by updating them from all processes' batches.
+        # Kept identical on every process by _update_memory, which applies all processes'
+        # rows; Z is estimated from all processes' scores.
         return super().ddp_ignored_names() + ["memory_student", "memory_teacher",
                                               "z_student", "z_teacher"]
 
     def _scores(self, embedding, memory, contrastive_index, z_buffer):
-        """exp(<memory rows, embedding> / T) / Z for the positive and the negatives."""
+        """``exp(<memory row, embedding> / T) / Z`` for the positive and the negatives."""
         rows = memory[contrastive_index]                                  # [B, K+1, D]
         scores = torch.exp(torch.bmm(rows, embedding.unsqueeze(2)).squeeze(2) / self.temperature)
         if z_buffer.item() < 0:
@@ -102,10 +128,20 @@ class CRD(Distiller):
     @torch.no_grad()
     def _update_memory(self, memory, index, embedding):
         index, embedding = all_gather_cat(index), all_gather_cat(embedding.detach())
-        rows = memory[index] * self.momentum + embedding * (1 - self.momentum)
-        memory.index_copy_(0, index, F.normalize(rows, dim=1))
+        # A padded distributed epoch can hold one sample twice; index_copy_ with
+        # repeated indices picks a winner nondeterministically (CUDA), which would
+        # let the processes' banks drift apart. Keep the last occurrence of each.
+        unique, inverse = torch.unique(index, return_inverse=True)
+        positions = torch.arange(len(index), device=index.device)
+        last = torch.zeros_like(unique).scatter_reduce_(0, inverse, positions, reduce="amax",
+                                                         include_self=False)
+        rows = memory[unique] * self.momentum + embedding[last] * (1 - self.momentum)
+        memory.index_copy_(0, unique, F.normalize(rows, dim=1))
 
     def forward_train(self, image, target, index=None, contrastive_index=None, **batch):
+        if index is None or contrastive_index is None:
+            raise ValueError("CRD needs the batch fields 'index' and 'contrastive_index' "
+                             "(see extra_batch_fields)")
         logits, feats = self.student(image)
         _, teacher_feats = self.teacher_forward(image)
         with torch.autocast(image.device.type, enabled=False):
@@ -115,8 +151,8 @@ class CRD(Distiller):
                                           contrastive_index, self.z_student)
             teacher_scores = self._scores(teacher_embedding, self.memory_student,
                                           contrastive_index, self.z_teacher)
-            contrastive = nce_loss(student_scores, self.num_data) + nce_loss(teacher_scores,
-                                                                             self.num_data)
+            contrastive = (nce_loss(student_scores, self.num_data)
+                           + nce_loss(teacher_scores, self.num_data))
         self._update_memory(self.memory_student, index, student_embedding)
         self._update_memory(self.memory_teacher, index, teacher_embedding)
         return logits, {"loss_ce": self.ce_weight * F.cross_entropy(logits.float(), target),

@@ -7,7 +7,11 @@ from .base import Distiller
 
 
 def pairwise_distances(embedding, squared=False, eps=1e-12):
-    """Euclidean distances between all rows, with a zero diagonal."""
+    """Euclidean distances between all rows ``[B, B]``, with a zero diagonal.
+
+    Squared distances are clamped at ``eps`` before the square root, whose
+    gradient is infinite at 0.
+    """
     squares = embedding.pow(2).sum(dim=1)
     product = embedding @ embedding.t()
     distances = (squares.unsqueeze(0) + squares.unsqueeze(1) - 2 * product).clamp(min=eps)
@@ -19,7 +23,14 @@ def pairwise_distances(embedding, squared=False, eps=1e-12):
 
 
 def rkd_distance_loss(student, teacher, squared=False, eps=1e-12):
-    """Smooth-L1 between the distance matrices, each divided by its mean nonzero entry."""
+    """Smooth-L1 between the distance matrices, each divided by its mean nonzero entry.
+
+    Args:
+        student, teacher: ``[B, D]`` embeddings (widths may differ).
+
+    Returns:
+        A scalar tensor; no gradient reaches ``teacher``.
+    """
     with torch.no_grad():
         t_distances = pairwise_distances(teacher, squared, eps)
         t_distances = t_distances / t_distances[t_distances > 0].mean()
@@ -29,13 +40,14 @@ def rkd_distance_loss(student, teacher, squared=False, eps=1e-12):
 
 
 def triplet_angles(embedding):
-    """cos of the angle at j between i and k, for all (i, j, k): <e_ij, e_kj>."""
+    """Cosines ``<e_ij, e_kj>`` of the angle at ``x_j`` for every triplet, flattened
+    (``e_ij = (x_i - x_j) / |x_i - x_j|``; 0 where two points coincide)."""
     differences = F.normalize(embedding.unsqueeze(0) - embedding.unsqueeze(1), p=2, dim=2)
     return torch.bmm(differences, differences.transpose(1, 2)).view(-1)
 
 
 def rkd_angle_loss(student, teacher):
-    """Smooth-L1 between the triplet angle cosines of the two embeddings."""
+    """Smooth-L1 between the triplet-angle cosines of the two embeddings."""
     with torch.no_grad():
         t_angles = triplet_angles(teacher)
     return F.smooth_l1_loss(triplet_angles(student), t_angles)
@@ -45,11 +57,16 @@ def rkd_angle_loss(student, teacher):
 class RKD(Distiller):
     """Cross-entropy plus distance- and angle-wise relations of the pooled features.
 
+    ``loss_ce = ce_weight * CE`` and ``loss_feat = feat_weight *
+    (distance_weight * distance loss + angle_weight * angle loss)``, as
+    mdistiller, computed in fp32.
+
     Args:
         student, teacher: the models.
         distance_weight, angle_weight: weights inside the relational loss.
         ce_weight, feat_weight: weights of cross-entropy and the relational loss.
-        squared, eps: distance options (squared distances; clamp before sqrt).
+        squared: use squared distances.
+        eps: clamp of the squared distances.
     """
 
     def __init__(self, student, teacher, distance_weight=25.0, angle_weight=50.0, ce_weight=1.0,
@@ -72,10 +89,13 @@ class RKD(Distiller):
     def forward_train(self, image, target, **batch):
         logits, feats = self.student(image)
         _, teacher_feats = self.teacher_forward(image)
-        student = feats["pooled_feat"].float()
-        teacher = teacher_feats["pooled_feat"].float()
-        relational = (self.distance_weight * rkd_distance_loss(student, teacher, self.squared,
-                                                               self.eps)
-                      + self.angle_weight * rkd_angle_loss(student, teacher))
+        # fp32: under autocast the Gram matrix would be fp16, and |a|^2 + |b|^2 - 2ab
+        # cancels catastrophically for close points.
+        with torch.autocast(image.device.type, enabled=False):
+            student = feats["pooled_feat"].float()
+            teacher = teacher_feats["pooled_feat"].float()
+            distance = rkd_distance_loss(student, teacher, self.squared, self.eps)
+            angle = rkd_angle_loss(student, teacher)
+        relational = self.distance_weight * distance + self.angle_weight * angle
         return logits, {"loss_ce": self.ce_weight * F.cross_entropy(logits.float(), target),
                         "loss_feat": self.feat_weight * relational}
