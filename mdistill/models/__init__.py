@@ -1,4 +1,17 @@
-"""Model zoo. ``build_model(name, num_classes, dataset)``; forward returns ``(logits, feats)``."""
+"""The model zoo. Importing this package registers every model.
+
+Every model's ``forward(x)`` returns ``(logits, feats)`` where ``feats`` is a
+dict: ``"feats"`` (feature maps, the stem first, then one per stage, placed as
+in mdistiller), ``"preact_feats"`` (the same positions before the stage's last
+ReLU) and ``"pooled_feat"`` (the vector the classifier reads). Each family's
+module docstring lists its maps and their shapes.
+
+Example::
+
+    model = build_model("resnet8x4", num_classes=100)
+    logits, feats = model(images)          # images: [N, 3, 32, 32]
+    feats["feats"][2].shape                # [N, 128, 16, 16]
+"""
 from ..registry import CIFAR_MODELS, IMAGENET_MODELS
 from . import cifar, imagenet  # noqa: F401  (registration)
 from .imagenet import torchvision_weights
@@ -7,11 +20,21 @@ __all__ = ["build_model", "model_names", "torchvision_weights"]
 
 
 def _registry(dataset):
+    # Every dataset but ImageNet (cifar100, digits, synthetic) has 32x32 images.
     return IMAGENET_MODELS if dataset == "imagenet" else CIFAR_MODELS
 
 
 def build_model(name, num_classes, dataset="cifar100"):
-    """Build model ``name`` of the family ``dataset`` uses (ImageNet or 32x32 images).
+    """Build a freshly initialised model.
+
+    Args:
+        name: a registered name, e.g. ``"resnet32x4"`` or ``"wrn_40_2"``.
+        num_classes: classifier outputs.
+        dataset: ``"imagenet"`` selects the ImageNet family; any other dataset
+            the 32x32 (CIFAR) family.
+
+    Returns:
+        An ``nn.Module`` whose ``forward`` returns ``(logits, feats)``.
 
     Raises:
         UserError: unknown name (the valid ones are listed, closest first).
@@ -20,5 +43,5 @@ def build_model(name, num_classes, dataset="cifar100"):
 
 
 def model_names(dataset="cifar100"):
-    """Names of the models available for ``dataset``."""
+    """The sorted names :func:`build_model` accepts for ``dataset``."""
     return _registry(dataset).names()

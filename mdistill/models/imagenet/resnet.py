@@ -1,59 +1,92 @@
-"""ImageNet ResNets: torchvision's modules and parameter names (so its
-pretrained weights load), with a forward that also returns the features."""
+"""ImageNet ResNets built from torchvision's modules, so their parameter names
+are torchvision's and its pretrained weights load as they are.
+
+``feats`` for a 224x224 input (``e`` = 1 for ResNet18/34, 4 for ResNet50/101),
+placed as in mdistiller's ImageNet ResNet, all post-ReLU:
+    0: stem conv7x7-BN-ReLU before the max-pool, 64 x 112 x 112
+    1: layer1, 64e x 56 x 56;   2: layer2, 128e x 28 x 28
+    3: layer3, 256e x 14 x 14;  4: layer4, 512e x 7 x 7
+``preact_feats`` 1-4 are each stage's last residual sum before its ReLU.
+"""
 import torch.nn.functional as F
 from torchvision import models
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models import resnet as tv_resnet
 
 from ...registry import IMAGENET_MODELS
-
-# name -> (block, blocks per stage, torchvision weights enum name)
-ARCHITECTURES = {
-    "ResNet18": (BasicBlock, (2, 2, 2, 2), "ResNet18_Weights"),
-    "ResNet34": (BasicBlock, (3, 4, 6, 3), "ResNet34_Weights"),
-    "ResNet50": (Bottleneck, (3, 4, 6, 3), "ResNet50_Weights"),
-    "ResNet101": (Bottleneck, (3, 4, 23, 3), "ResNet101_Weights"),
-}
+from ..common import feature_dict
 
 
-class ImageNetResNet(models.ResNet):
-    """torchvision's ResNet; ``forward`` returns ``(logits, feats)``.
+def _finish(out, returns_preact):
+    if returns_preact:
+        return F.relu(out), out
+    return F.relu(out, inplace=True)
 
-    ``preact_feats`` are each stage's last residual sum before its ReLU,
-    caught by running the stage's last block by hand.
-    """
 
-    def _stage(self, stage, x):
-        for block in list(stage)[:-1]:
-            x = block(x)
-        last = stage[-1]
-        identity = x if last.downsample is None else last.downsample(x)
-        out = last.relu(last.bn1(last.conv1(x)))
-        if isinstance(last, Bottleneck):
-            out = last.relu(last.bn2(last.conv2(out)))
-            preact = last.bn3(last.conv3(out)) + identity
-        else:
-            preact = last.bn2(last.conv2(out)) + identity
-        return F.relu(preact), preact
+class BasicBlock(tv_resnet.BasicBlock):
+    """torchvision's block; the last one of a stage also returns its pre-activation."""
+
+    returns_preact = False
 
     def forward(self, x):
-        stem = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return _finish(out, self.returns_preact)
+
+
+class Bottleneck(tv_resnet.Bottleneck):
+    """torchvision's block; the last one of a stage also returns its pre-activation."""
+
+    returns_preact = False
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return _finish(out, self.returns_preact)
+
+
+class ResNet(models.ResNet):
+    """torchvision's ResNet whose ``forward`` returns ``(logits, feats)``."""
+
+    def __init__(self, block, counts, num_classes=1000):
+        super().__init__(block, list(counts), num_classes=num_classes)
+        for stage in self.stages():
+            stage[-1].returns_preact = True
+
+    def stages(self):
+        return self.layer1, self.layer2, self.layer3, self.layer4
+
+    def forward(self, x):
+        stem = self.relu(self.bn1(self.conv1(x)))
+        out = self.maxpool(stem)
         feats, preacts = [stem], [stem]
-        out = stem
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            out, preact = self._stage(stage, out)
+        for stage in self.stages():
+            out, preact = stage(out)
             feats.append(out)
             preacts.append(preact)
         pooled = self.avgpool(out).flatten(1)
-        return self.fc(pooled), {"feats": feats, "preact_feats": preacts, "pooled_feat": pooled}
+        return self.fc(pooled), feature_dict(feats, preacts, pooled)
+
+
+# name -> (block, blocks per stage, torchvision weights enum)
+ARCHITECTURES = {
+    "ResNet18": (BasicBlock, (2, 2, 2, 2), models.ResNet18_Weights),
+    "ResNet34": (BasicBlock, (3, 4, 6, 3), models.ResNet34_Weights),
+    "ResNet50": (Bottleneck, (3, 4, 6, 3), models.ResNet50_Weights),
+    "ResNet101": (Bottleneck, (3, 4, 23, 3), models.ResNet101_Weights),
+}
 
 
 def _register(name):
-    block, layers, _ = ARCHITECTURES[name]
+    block, counts, _ = ARCHITECTURES[name]
 
     def build(num_classes=1000):
-        return ImageNetResNet(block, list(layers), num_classes=num_classes)
+        return ResNet(block, counts, num_classes)
+
     build.__name__ = name
-    build.__doc__ = f"{name} for 224x224 images, torchvision's parameter names."
+    build.__doc__ = f"{name} for 224x224 images with torchvision's parameter names."
     IMAGENET_MODELS.register(name, build)
 
 
@@ -62,7 +95,12 @@ for _name in ARCHITECTURES:
 
 
 def torchvision_weights(name):
-    """torchvision's ImageNet weights for model ``name`` (IMAGENET1K_V1), or None."""
+    """torchvision's ImageNet weights for the ImageNet model ``name``.
+
+    Returns the ``IMAGENET1K_V1`` entry (the weights mdistiller's ImageNet
+    teachers use; call ``.get_state_dict(progress=True)`` to download them),
+    or None for a model torchvision has no weights for (MobileNetV1).
+    """
     if name not in ARCHITECTURES:
         return None
-    return getattr(models, ARCHITECTURES[name][2]).IMAGENET1K_V1
+    return ARCHITECTURES[name][2].IMAGENET1K_V1
