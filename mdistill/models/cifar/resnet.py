@@ -22,6 +22,8 @@ class BasicBlock(nn.Module):
     stage's pre-activation comes for free; the others return the output only.
     """
 
+    expansion = 1
+
     def __init__(self, in_channels, channels, stride=1, returns_preact=False):
         super().__init__()
         self.returns_preact = returns_preact
@@ -47,7 +49,7 @@ def make_stage(block, in_channels, channels, count, stride):
     """``count`` blocks; the first may change width and stride, the last returns
     its pre-activation too (so the Sequential's output is a pair)."""
     return nn.Sequential(*[
-        block(in_channels if index == 0 else channels * getattr(block, "expansion", 1),
+        block(in_channels if index == 0 else channels * block.expansion,
               channels, stride if index == 0 else 1, returns_preact=index == count - 1)
         for index in range(count)])
 
