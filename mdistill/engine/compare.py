@@ -137,10 +137,17 @@ def plot_curves(runs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axis = plt.subplots(figsize=(8, 5))
+    # One colour per method, one line style per seed, so methods read as bands.
+    methods = sorted({run.method for run in runs})
+    seeds = sorted({run.seed for run in runs})
+    colors = plt.get_cmap("tab10")
+    styles = ["-", "--", ":", "-."]
     for run in sorted(runs, key=lambda run: (run.method, run.seed)):
         label = "student alone" if run.method == "NONE" else run.method
         axis.plot([record["epoch"] for record in run.records],
                   [record["test"]["top1"] for record in run.records],
+                  color=colors(methods.index(run.method) % 10),
+                  linestyle=styles[seeds.index(run.seed) % len(styles)],
                   label=f"{label}, seed {run.seed}")
     axis.set_xlabel("epoch")
     axis.set_ylabel("test top-1 (%)")
