@@ -5,7 +5,7 @@
 # comparison table.
 #
 #   scripts/demo.sh            # student alone and KD, seed 0 (about 2 minutes on 2 cores)
-#   scripts/demo.sh --all      # every registered method, seeds 0 1 2 (about 12 minutes)
+#   scripts/demo.sh --all      # every registered method, seeds 0 1 2 (about 13 minutes)
 #   METHODS="NONE RKD" SEEDS="0 1" scripts/demo.sh
 #
 # Other arguments are KEY VALUE overrides for every run (e.g. DEVICE cpu).

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from ..config import config_differences, default_run_name, load_cfg
 from ..errors import UserError
-from ..utils.dist import barrier, get_rank, get_world_size, is_main_process
+from ..utils.dist import barrier, get_world_size, is_main_process
 from .builder import build_experiment
 from .checkpoint import load_checkpoint
 from .evaluate import evaluate
@@ -203,7 +203,3 @@ def shutdown():
     if dist.is_available() and dist.is_initialized():
         barrier()
         dist.destroy_process_group()
-
-
-def rank_prefix():
-    return f"[rank {get_rank()}] " if get_world_size() > 1 else ""
