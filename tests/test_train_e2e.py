@@ -70,3 +70,17 @@ def test_kd_run_writes_everything_resumes_and_evaluates(cifar_root, teacher_file
     assert abs(last_row["top1"] - metrics[-1]["test"]["top1"]) < 1e-6
     assert abs(last_row["loss"] - metrics[-1]["test"]["loss"]) < 1e-4
     assert f"{best:.2f}" in result.stdout
+
+
+def test_wandb_without_the_package_is_a_warning_not_a_crash(cifar_root, tmp_path, capsys):
+    import importlib.util
+    if importlib.util.find_spec("wandb") is not None:
+        import pytest
+        pytest.skip("wandb is installed here")
+    opts = tiny_opts(cifar_root, tmp_path, "DISTILLER.TYPE", "NONE", "DISTILLER.STUDENT",
+                     "resnet8", "SOLVER.EPOCHS", "1", "LOG.WANDB", "True")
+    run_dir, history = train(os.path.join(ROOT, "configs/cifar100/kd.yaml"), opts)
+    assert [record["epoch"] for record in history] == [1]
+    assert "warning: LOG.WANDB is true but wandb is not installed" in capsys.readouterr().out
+    with open(os.path.join(run_dir, "log.txt")) as handle:
+        assert "wandb is not installed" in handle.read()
