@@ -52,8 +52,14 @@ _C.DISTILLER.TEACHER_WEIGHTS = ""
 
 # -------------------------------------------------------------------- solver
 _C.SOLVER = CN()
-# Kept for mdistiller's YAML files; mdistill has one trainer for every method.
+# Update rule (engine/update_rules.py): base (one backward of the summed
+# losses) | crd (mdistiller's name for CRD's trainer; the same as base here) |
+# dot (Distillation-Oriented Trainer, SGD only) | crd_dot (DOT with CRD).
 _C.SOLVER.TRAINER = "base"
+# DOT: the distillation gradient's momentum is MOMENTUM + DELTA, the task
+# gradient's MOMENTUM - DELTA (mdistiller: 0.075 CIFAR, 0.09 ImageNet).
+_C.SOLVER.DOT = CN()
+_C.SOLVER.DOT.DELTA = 0.075
 # Global batch size, split over the processes of a distributed run.
 _C.SOLVER.BATCH_SIZE = 64
 _C.SOLVER.EPOCHS = 240

@@ -1,4 +1,7 @@
 """The Distiller base class: what every method declares to the one trainer."""
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -15,11 +18,22 @@ class Distiller(nn.Module):
     * extra trainable modules: plain submodules (not the teacher) are
       optimised with the student and saved in the run checkpoint;
     * extra batch fields: :meth:`extra_batch_fields` (CRD's negatives);
-    * a second optimizer: :meth:`auxiliary_optimizers` (a GAN discriminator),
-      stepped by the method itself, scheduled and checkpointed by the trainer;
+    * a second optimizer and the phase that steps it: :meth:`auxiliary_optimizers`
+      and :meth:`extra_phases` (a GAN discriminator); the trainer runs the phase
+      after the student's update, schedules the optimizer and checkpoints it;
+    * state committed only after an accepted step: :meth:`after_step` (CRD's
+      memory banks), fed by what :meth:`forward_train` put aside with :meth:`stash`;
     * state that distributed training must not broadcast or reduce:
       :meth:`ddp_ignored_names` (memory banks, the discriminator);
+    * a loss warm-up: :meth:`warmup_factor`;
     * per-step diagnostics: :meth:`pop_diagnostics`.
+
+    The step protocol: ``forward_train`` only computes. It takes no optimizer
+    step and writes no parameter, buffer or memory (BatchNorm's running
+    statistics excepted: the trainer restores them when it skips a step), so a
+    step the trainer rejects (a non-finite loss) leaves everything as it was.
+    The trainer owns every backward and every optimizer step (the rule is
+    SOLVER.TRAINER: one backward of the summed losses, or DOT's two).
 
     Example::
 
@@ -47,6 +61,9 @@ class Distiller(nn.Module):
 
     #: False for methods that train the student alone (the teacher is not built).
     requires_teacher = True
+    #: True for methods that use nothing of the teacher but its logits (so the
+    #: teacher's answers may be cached); feature methods leave it False.
+    teacher_logits_only = False
 
     def __init__(self, student, teacher=None):
         super().__init__()
@@ -56,6 +73,7 @@ class Distiller(nn.Module):
             teacher.eval()
             teacher.requires_grad_(False)
         self._diagnostics = {}
+        self._stash = {}
         self.epoch = 0
 
     @classmethod
@@ -124,9 +142,10 @@ class Distiller(nn.Module):
         return []
 
     def auxiliary_optimizers(self):
-        """``{name: optimizer}`` the method steps itself inside forward_train.
+        """``{name: optimizer}`` of the modules :meth:`auxiliary_module_names` lists.
 
-        The trainer schedules their learning rate with the student's schedule
+        They are stepped by the trainer in the method's :meth:`extra_phases`,
+        never by the method. The trainer schedules their learning rate with the student's schedule
         (from their own base lr) and saves and restores their state.
         """
         return {}
@@ -143,9 +162,44 @@ class Distiller(nn.Module):
         names = [f"teacher.{name}" for name, _ in self.teacher.named_parameters()]
         return names + [f"teacher.{name}" for name, _ in self.teacher.named_buffers()]
 
+    def extra_phases(self):
+        """Updates the trainer runs after the student's, for accepted steps only.
+
+        Returns:
+            A list of :class:`Phase` (ADVKD's discriminator step), run in order.
+        """
+        return []
+
+    def after_step(self):
+        """Commit the step's state changes (CRD's memory banks) from :attr:`stashed`.
+
+        Called by the trainer after the student's update and the extra phases,
+        only when the step was accepted; never for a skipped step.
+        """
+
+    def stash(self, **values):
+        """Put aside tensors of this forward for :meth:`after_step` or a phase (not saved)."""
+        self._stash.update(values)
+
+    @property
+    def stashed(self):
+        """What the last :meth:`forward_train` put aside with :meth:`stash`."""
+        return self._stash
+
+    def clear_stash(self):
+        """Called by the trainer when a step ends, taken or skipped."""
+        self._stash = {}
+
     def on_epoch_start(self, epoch):
         """Called by the trainer before each epoch (1-based), e.g. for warm-ups."""
         self.epoch = epoch
+
+    def warmup_factor(self, warmup_epochs):
+        """``min(epoch / warmup_epochs, 1)`` with the 1-based epoch, as mdistiller
+        scales DKD's and ReviewKD's losses; 1 when ``warmup_epochs`` <= 0."""
+        if warmup_epochs <= 0:
+            return 1.0
+        return min(self.epoch / warmup_epochs, 1.0)
 
     def log_diagnostic(self, name, value):
         """Record a scalar for TensorBoard under ``<method>/<name>``."""
@@ -168,6 +222,24 @@ class Distiller(nn.Module):
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match the distiller: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
+
+
+@dataclass
+class Phase:
+    """An extra update a method declares (see :meth:`Distiller.extra_phases`).
+
+    Args:
+        name: shown in logs ("discriminator").
+        optimizer: the optimizer it steps (one of :meth:`Distiller.auxiliary_optimizers`).
+        loss: ``loss() -> scalar tensor`` computed from :attr:`Distiller.stashed`;
+            the trainer zeroes the optimizer's gradients, back-propagates it,
+            averages the gradients over processes and steps the optimizer.
+        steps: how many times to repeat it per student step.
+    """
+    name: str
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[], torch.Tensor]
+    steps: int = 1
 
 
 def kd_loss(student_logits, teacher_logits, temperature):
