@@ -43,17 +43,84 @@ def test_table_numbers_come_from_the_runs_logs(runs):
         ("vanilla,resnet8,seed0", "vanilla,resnet8,seed1", "kd,resnet20,resnet8,seed0")]
     rows = summarize(load_runs([str(prefix)]))
     alone, kd = rows                                        # "student alone" sorts first
-    assert alone["method"] == "student alone" and alone["seeds"] == [0, 1]
+    assert alone.label == "student alone" and alone.seeds == [0, 1]
     best = [max(r["test"]["top1"] for r in metrics(f)) for f in folders[:2]]
     last = [metrics(f)[-1]["test"]["top1"] for f in folders[:2]]
-    assert alone["best"] == pytest.approx((statistics.fmean(best), statistics.stdev(best)))
-    assert alone["last"] == pytest.approx((statistics.fmean(last), statistics.stdev(last)))
-    assert kd["method"] == "KD" and kd["teacher"] == "resnet20" and kd["best"][1] is None
-    assert alone["epochs"] == "2/2"
+    assert alone.best == pytest.approx((statistics.fmean(best), statistics.stdev(best)))
+    assert alone.last == pytest.approx((statistics.fmean(last), statistics.stdev(last)))
+    assert kd.label == "KD" and kd.teacher == "resnet20" and kd.best[1] is None
+    assert alone.epochs_finished == (2, 2) and alone.epochs_planned == 2
     table = format_table(rows)
     assert f"{statistics.fmean(best):.2f} ± {statistics.stdev(best):.2f}" in table
     csv = format_table(rows, "csv").splitlines()
-    assert csv[0].startswith("dataset,teacher,student,method,best_mean") and len(csv) == 3
+    assert csv[0].startswith("dataset,teacher,student,method,settings,best_top1_mean")
+    assert len(csv) == 3
+
+
+def fake_run(folder, top1s, *opts):
+    """A run folder as the trainer leaves it: config.yaml and one record per epoch."""
+    from mdistill.config import load_cfg
+    os.makedirs(folder)
+    cfg = load_cfg(CONFIG, ["DISTILLER.TEACHER", "resnet20", "DISTILLER.STUDENT", "resnet8",
+                            *opts])
+    with open(os.path.join(folder, "config.yaml"), "w") as handle:
+        handle.write(cfg.dump())
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as handle:
+        for epoch, top1 in enumerate(top1s, 1):
+            handle.write(json.dumps({"epoch": epoch, "test": {"top1": top1},
+                                     "epoch_time": 1.0}) + "\n")
+    return str(folder)
+
+
+def test_runs_differing_in_more_than_the_seed_are_separate_rows(tmp_path):
+    fake_run(tmp_path / "t4s0", [70.0], "EXPERIMENT.SEED", "0")
+    fake_run(tmp_path / "t4s1", [72.0], "EXPERIMENT.SEED", "1", "LOG.PREFIX", "elsewhere",
+             "DATASET.ROOT", "/other/data", "CRD.NCE.K", "64")   # no effect on a KD run
+    fake_run(tmp_path / "t8s0", [60.0], "EXPERIMENT.SEED", "0", "KD.TEMPERATURE", "8")
+    fake_run(tmp_path / "t8s1", [62.0], "EXPERIMENT.SEED", "1", "KD.TEMPERATURE", "8")
+    fake_run(tmp_path / "crd", [50.0], "DISTILLER.TYPE", "CRD")
+    warnings = []
+    groups = summarize(load_runs([str(tmp_path)]), warn=warnings.append)
+    assert [(group.label, group.seeds, group.best[0]) for group in groups] == [
+        ("CRD", [0], 50.0),
+        ("KD (KD.TEMPERATURE=4.0)", [0, 1], 71.0),
+        ("KD (KD.TEMPERATURE=8.0)", [0, 1], 61.0)]
+    assert warnings == []
+    table = format_table(groups)
+    assert "| KD (KD.TEMPERATURE=8.0) | 61.00 ± 1.41 |" in table
+    csv = format_table(groups, "csv").splitlines()
+    assert csv[2].startswith("cifar100,resnet20,resnet8,KD,KD.TEMPERATURE=4.0,71.0000,")
+
+
+def test_runs_differing_in_epochs_or_a_solver_key_are_not_seeds_of_one_row(tmp_path):
+    fake_run(tmp_path / "a", [70.0], "EXPERIMENT.SEED", "0")
+    fake_run(tmp_path / "b", [60.0], "EXPERIMENT.SEED", "1", "SOLVER.EPOCHS", "120",
+             "SOLVER.LR", "0.1")
+    groups = summarize(load_runs([str(tmp_path)]), warn=lambda text: None)
+    assert [group.label for group in groups] == ["KD (SOLVER.EPOCHS=120, SOLVER.LR=0.1)",
+                                                 "KD (SOLVER.EPOCHS=240, SOLVER.LR=0.05)"]
+
+
+def test_a_seed_run_twice_is_counted_once_with_a_warning(tmp_path):
+    fake_run(tmp_path / "first", [70.0, 71.0], "EXPERIMENT.SEED", "0")
+    again = fake_run(tmp_path / "again", [10.0], "EXPERIMENT.SEED", "0")
+    fake_run(tmp_path / "other", [73.0], "EXPERIMENT.SEED", "1")
+    warnings = []
+    (group,) = summarize(load_runs([str(tmp_path)]), warn=warnings.append)
+    assert group.seeds == [0, 1] and group.best[0] == pytest.approx(72.0)
+    assert [run.path for run in group.duplicates] == [again]
+    assert len(warnings) == 1 and "seed 0 was run 2 times; counting it once" in warnings[0]
+    assert str(tmp_path / "first") in warnings[0] and again in warnings[0]
+
+
+def test_compare_command_line_warns_about_a_duplicated_seed(tmp_path):
+    fake_run(tmp_path / "first", [70.0], "EXPERIMENT.SEED", "0")
+    fake_run(tmp_path / "again", [70.0], "EXPERIMENT.SEED", "0")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools/compare.py"),
+                             str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "warning: KD (cifar100, resnet20 -> resnet8): seed 0 was run 2 times" in result.stderr
+    assert "| cifar100 | resnet20 | resnet8 | KD | 70.00 ± n/a | 70.00 ± n/a | 1 |" in result.stdout
 
 
 def test_plot_is_a_valid_png(runs, tmp_path):

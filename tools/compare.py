@@ -1,8 +1,8 @@
-"""Compare runs: best and last test top-1 (mean ± std over seeds) per method.
+"""Tabulate runs: best and last test top-1 per method, mean ± std over seeds.
 
     python tools/compare.py output/cifar100_baselines
-    python tools/compare.py "output/demo/digits_students/*" --format csv --out table.csv
-    python tools/compare.py output/demo/digits_students --plot curves.png
+    python tools/compare.py "output/table_*/kd,*" "output/table_*/vanilla,*" --format csv
+    python tools/compare.py output/cifar100_baselines --out table.md --plot curves.png
 """
 import argparse
 import os
@@ -10,23 +10,31 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mdistill.engine.compare import format_table, load_runs, plot_curves, summarize  # noqa: E402
+from mdistill.engine.compare import (FORMATS, format_table, load_runs, plot_curves,  # noqa: E402
+                                     save_text, summarize)
 from mdistill.utils.cli import run_main  # noqa: E402
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description="Tabulate runs by method, over seeds.")
-    parser.add_argument("runs", nargs="+", help="run folders, folders of runs, or globs")
-    parser.add_argument("--format", choices=["markdown", "csv"], default="markdown")
-    parser.add_argument("--out", help="also write the table to this file")
-    parser.add_argument("--plot", metavar="PNG", help="save test top-1 per epoch curves here")
+    parser = argparse.ArgumentParser(
+        description="Group runs whose configs differ only in the seed (each run's "
+                    "config.yaml is read; paths and logging keys aside) and print test top-1 "
+                    "(best epoch and last epoch) as mean ± std over seeds. A seed run twice "
+                    "is counted once, with a warning.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_OR_GLOB",
+                        help="run folders, folders holding runs (e.g. output/<project>), or "
+                             "quoted glob patterns")
+    parser.add_argument("--format", choices=FORMATS, default="markdown")
+    parser.add_argument("--out", metavar="FILE", help="also write the table to FILE")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="save test top-1 per epoch, one line per run (needs matplotlib)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
-    runs = load_runs(args.runs, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
+    runs = load_runs(args.runs)
     table = format_table(summarize(runs), args.format)
     print(table)
     if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(table + "\n")
+        save_text(table, args.out)
     if args.plot:
         print(f"curves: {plot_curves(runs, args.plot)}", file=sys.stderr)
     return 0

@@ -13,7 +13,7 @@ from yacs.config import CfgNode as CN
 from ..errors import UserError, closest_first, unknown_choice
 from .defaults import get_cfg
 
-__all__ = ["get_cfg", "load_cfg", "merge_overrides", "validate_cfg", "default_run_name", "cfg_from_text", "CN"]
+__all__ = ["get_cfg", "load_cfg", "merge_overrides", "validate_cfg", "default_run_name", "cfg_from_text", "flatten_cfg", "CN"]
 
 # Values that are not model, dataset or method names (those are checked by
 # their registries when built) but must be one of a few words.
@@ -228,16 +228,17 @@ def default_run_name(cfg, opts=None):
 
 def config_differences(saved, current, ignore=RESUMABLE_KEYS):
     """Keys whose values differ between two configs, except ``ignore``."""
-    saved_flat, current_flat = _flatten(saved), _flatten(current)
+    saved_flat, current_flat = flatten_cfg(saved), flatten_cfg(current)
     return [key for key in sorted(set(saved_flat) | set(current_flat))
             if key not in ignore and saved_flat.get(key) != current_flat.get(key)]
 
 
-def _flatten(node, prefix=""):
+def flatten_cfg(node, prefix=""):
+    """``{"SOLVER.LR": 0.05, ...}`` from a config or nested dict (tuples become lists)."""
     flat = {}
     for key, value in node.items():
         if isinstance(value, (CN, dict)):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_cfg(value, f"{prefix}{key}."))
         else:
             flat[prefix + key] = list(value) if isinstance(value, tuple) else value
     return flat

@@ -1,159 +1,564 @@
-"""Tables and plots across runs: which method, for which pair, by how much."""
+"""Compare finished runs: test top-1 per method over seeds, as a table and as curves.
+
+It reads what :mod:`~mdistill.engine.launch` and the trainer write into a run
+folder ``LOG.PREFIX/<EXPERIMENT.PROJECT>/<run name>/``, and nothing else:
+``config.yaml`` (the frozen config) and ``metrics.jsonl`` (one JSON record per
+finished epoch, ``{"epoch", "test": {"top1", ...}, "epoch_time", ...}``).
+
+Example::
+
+    runs = load_runs(["output/cifar100_baselines"])
+    print(format_table(summarize(runs)))
+    plot_curves(runs, "curves.png")
+"""
+import functools
 import glob
 import json
+import math
 import os
 import statistics
+import sys
 from dataclasses import dataclass, field
 
-from ..config import cfg_from_text
+import yaml
+
+from ..config import flatten_cfg, get_cfg
 from ..errors import UserError
+
+FORMATS = ("markdown", "csv")
+STUDENT_ALONE = "student alone"
+# The folder of a started run holds config.yaml and log.txt at once; metrics.jsonl
+# appears with the first finished epoch.
+RUN_FILES = ("metrics.jsonl", "log.txt")
+# Keys that say where a run's files are, how it is logged or how fast it goes, not
+# what it computes: runs differing only in these (and the seed) are seeds of one row.
+NEUTRAL_KEYS = {"EXPERIMENT.SEED", "EXPERIMENT.NAME", "EXPERIMENT.PROJECT", "DATASET.ROOT",
+                "DATASET.DOWNLOAD", "DATASET.NUM_WORKERS", "DATASET.TEST.BATCH_SIZE", "DEVICE",
+                "SOLVER.COMPILE", "SOLVER.SKIP_NONFINITE_STEPS", "DISTILLER.TEACHER_WEIGHTS"}
+NEUTRAL_SECTIONS = ("LOG.",)
+# A path differs from machine to machine for the same teacher, so runs are not split
+# by it; a group whose runs name different teacher files gets a warning instead.
+WARNED_KEYS = ("DISTILLER.TEACHER_WEIGHTS",)
+
+
+def warn_to_stderr(text):
+    print(f"warning: {text}", file=sys.stderr)
 
 
 @dataclass
 class Run:
-    """One run folder: its config and the per-epoch records of metrics.jsonl."""
+    """One run folder.
+
+    Attributes:
+        path: the folder.
+        config: its config.yaml flattened to ``{"DISTILLER.TYPE": "KD", ...}``
+            (keys a run written by an older version lacks take today's defaults).
+        records: the metrics.jsonl records, one per finished epoch, by epoch.
+    """
     path: str
-    cfg: object
+    config: dict
     records: list = field(default_factory=list)
 
     @property
     def method(self):
-        return self.cfg.DISTILLER.TYPE
+        return self.config["DISTILLER.TYPE"]
+
+    @property
+    def is_student_alone(self):
+        return self.method.upper() == "NONE"
+
+    @property
+    def dataset(self):
+        return self.config["DATASET.TYPE"]
+
+    @property
+    def teacher(self):
+        # A run without a teacher still has the key (a default, or the teacher of
+        # the config it was started from); it means nothing there.
+        return "-" if self.is_student_alone else self.config["DISTILLER.TEACHER"]
+
+    @property
+    def student(self):
+        return self.config["DISTILLER.STUDENT"]
 
     @property
     def seed(self):
-        return self.cfg.EXPERIMENT.SEED
+        return self.config["EXPERIMENT.SEED"]
+
+    @property
+    def planned_epochs(self):
+        return self.config["SOLVER.EPOCHS"]
+
+    @property
+    def best_top1(self):
+        return max(record["test"]["top1"] for record in self.records)
+
+    @property
+    def last_top1(self):
+        return self.records[-1]["test"]["top1"]
+
+    @property
+    def train_time(self):
+        """Seconds spent in the training loop (``epoch_time``; evaluation excluded)."""
+        return sum(record.get("epoch_time", 0.0) for record in self.records)
+
+    @property
+    def label(self):
+        return STUDENT_ALONE if self.is_student_alone else self.method
+
+    @property
+    def settings(self):
+        """The config entries that make this run what it is: every key except the
+        seed and :data:`NEUTRAL_KEYS`, and of the method sections only its own
+        (a KD run's CRD.* values mean nothing). Values are hashable."""
+        sections, own = _method_sections(), self.method.upper()
+        items = {}
+        for key, value in self.config.items():
+            section = key.split(".")[0]
+            if (key in NEUTRAL_KEYS or key.startswith(NEUTRAL_SECTIONS)
+                    or (section in sections and section != own)
+                    or (self.is_student_alone and key == "DISTILLER.TEACHER")):
+                continue
+            items[key] = tuple(value) if isinstance(value, list) else value
+        return items
+
+    @property
+    def finished_at(self):
+        """When its last epoch record was written (to pick the newest of duplicates)."""
+        path = os.path.join(self.path, "metrics.jsonl")
+        return os.path.getmtime(path) if os.path.isfile(path) else 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def _method_sections():
+    """The config sections of methods (KD, CRD, ...): all but the general ones."""
+    return frozenset(key.split(".")[0] for key in flatten_cfg(get_cfg())) - {
+        "EXPERIMENT", "DATASET", "SOLVER", "DISTILLER", "DEVICE", "LOG"}
 
 
 def _is_run(folder):
     return (os.path.isfile(os.path.join(folder, "config.yaml"))
-            and os.path.isfile(os.path.join(folder, "metrics.jsonl")))
+            and any(os.path.isfile(os.path.join(folder, name)) for name in RUN_FILES))
 
 
-def load_runs(patterns, warn=print):
-    """Read every run under ``patterns`` (run folders, folders of runs, or globs).
+def _run_folders(path):
+    """``path`` itself if it is a run, else every run below it (runs do not nest)."""
+    if _is_run(path):
+        return [path]
+    found = []
+    for folder, subfolders, _ in os.walk(path):
+        if _is_run(folder):
+            found.append(folder)
+            subfolders.clear()
+        else:
+            subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+    return found
 
-    Runs without a finished epoch are skipped with a warning.
+
+def _read_config(folder):
+    with open(os.path.join(folder, "config.yaml")) as handle:
+        values = yaml.safe_load(handle)
+    if not isinstance(values, dict):
+        raise ValueError("config.yaml holds no mapping of keys")
+    config = flatten_cfg(get_cfg())
+    config.update(flatten_cfg(values))
+    return config
+
+
+def _read_records(folder, warn):
+    """The per-epoch records, tolerating a line a killed process left half-written."""
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as handle:
+        lines = [line for line in handle.read().splitlines() if line.strip()]
+    by_epoch = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            top1 = float(record["test"]["top1"])
+            epoch = int(record["epoch"])
+        except (ValueError, KeyError, TypeError):
+            what = "its unfinished last line" if number == len(lines) else f"line {number}"
+            warn(f"{path}: ignoring {what} (not a complete epoch record)")
+            continue
+        if math.isfinite(top1):
+            by_epoch[epoch] = record       # a resumed run's rewrite of an epoch wins
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def load_runs(paths, warn=None):
+    """Read the runs that ``paths`` name.
+
+    Args:
+        paths: run folders, folders holding runs at any depth (such as
+            ``LOG.PREFIX`` or ``LOG.PREFIX/<project>``), or glob patterns of either.
+            A folder is a run when it holds ``config.yaml`` and ``metrics.jsonl``
+            (or, before its first epoch ends, ``log.txt``).
+        warn: called with one line of text for each run skipped (no finished
+            epoch yet, unreadable config); prints to stderr by default.
+
+    Returns:
+        A list of :class:`Run`, in the order found, each folder once.
 
     Raises:
-        UserError: no run was found.
+        UserError: a path that does not exist, a pattern that matches nothing,
+            or no run with a finished epoch at all.
     """
+    warn = warn or warn_to_stderr
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [os.fspath(path) for path in paths]
+    if not paths:
+        raise UserError("no run folders given")
     folders = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        for match in matches:
-            if _is_run(match):
-                folders.append(match)
-            elif os.path.isdir(match):
-                folders += sorted(os.path.dirname(path) for path in
-                                  glob.glob(os.path.join(glob.escape(match), "**", "config.yaml"),
-                                            recursive=True)
-                                  if _is_run(os.path.dirname(path)))
-    runs = []
-    for folder in dict.fromkeys(folders):
-        with open(os.path.join(folder, "config.yaml")) as handle:
-            cfg = cfg_from_text(handle.read())
-        with open(os.path.join(folder, "metrics.jsonl")) as handle:
-            records = [json.loads(line) for line in handle if line.strip()]
+    for path in paths:
+        if glob.has_magic(path):
+            matches = sorted(match for match in glob.glob(path) if os.path.isdir(match))
+            if not matches:
+                raise UserError(f"no folder matches {path!r}")
+        elif os.path.isdir(path):
+            matches = [path]
+        elif os.path.exists(path):
+            raise UserError(f"{path} is a file; give run folders or folders holding runs")
+        else:
+            raise UserError(f"no such folder: {path}")
+        found = [folder for match in matches for folder in _run_folders(match)]
+        if not found and len(paths) > 1:
+            warn(f"no runs under {path}")
+        folders += found
+    runs, seen, unfinished = [], set(), 0
+    for folder in folders:
+        if os.path.realpath(folder) in seen:
+            continue
+        seen.add(os.path.realpath(folder))
+        try:
+            config = _read_config(folder)
+        except (OSError, ValueError, yaml.YAMLError) as error:
+            warn(f"skipping {folder}: cannot read config.yaml ({error})")
+            continue
+        records = _read_records(folder, warn)
         if not records:
+            unfinished += 1
             warn(f"skipping {folder}: no finished epoch yet")
             continue
-        runs.append(Run(folder, cfg, records))
+        runs.append(Run(folder, config, records))
     if not runs:
-        raise UserError(f"no runs (folders with config.yaml and metrics.jsonl) under "
-                        f"{', '.join(patterns)}")
+        where = ", ".join(paths)
+        if unfinished:
+            raise UserError(f"no runs with a finished epoch under {where} "
+                            f"({unfinished} started, none has finished an epoch)")
+        raise UserError(f"no runs under {where} (a run folder holds config.yaml and "
+                        f"metrics.jsonl)")
     return runs
 
 
-def _mean_std(values):
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else None
-    return mean, std
+def mean_std(values):
+    """``(mean, sample standard deviation)``; the deviation is None for one value."""
+    values = [float(value) for value in values]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def summarize(runs):
-    """Group runs by (dataset, teacher, student, method) over seeds.
+@dataclass
+class Group:
+    """The runs of one configuration, one per seed.
+
+    Runs belong to one group when their configs agree on everything but the
+    seed and :data:`NEUTRAL_KEYS`. ``best`` and ``last`` are ``(mean, sample
+    std)`` over the runs of the best epoch's and the last finished epoch's test
+    top-1 (mdistiller reports the former, RepDistiller the latter); the std is
+    None for a single run.
+
+    Attributes:
+        settings: ``{key: value}`` of the keys that tell this group apart from
+            the other groups of the same method on the same pair (empty when it
+            is the only one), e.g. ``{"KD.TEMPERATURE": 8.0}``.
+        duplicates: runs left out because another run of the group has their seed.
+    """
+    dataset: str
+    teacher: str
+    student: str
+    method: str
+    runs: list
+    settings: dict = field(default_factory=dict)
+    duplicates: list = field(default_factory=list)
+
+    @property
+    def label(self):
+        """The method, and the settings that tell it apart: ``KD (KD.TEMPERATURE=8.0)``."""
+        if not self.settings:
+            return self.runs[0].label
+        return f"{self.runs[0].label} ({self.settings_text})"
+
+    @property
+    def settings_text(self):
+        return ", ".join(f"{key}={_value_text(value)}" for key, value in self.settings.items())
+
+    @property
+    def seeds(self):
+        return sorted(run.seed for run in self.runs)
+
+    @property
+    def best(self):
+        return mean_std(run.best_top1 for run in self.runs)
+
+    @property
+    def last(self):
+        return mean_std(run.last_top1 for run in self.runs)
+
+    @property
+    def epochs_finished(self):
+        """``(fewest, most)`` epochs finished by a run of the group."""
+        counts = [len(run.records) for run in self.runs]
+        return min(counts), max(counts)
+
+    @property
+    def epochs_planned(self):
+        return max(run.planned_epochs for run in self.runs)
+
+    @property
+    def train_time(self):
+        """Mean over the runs of the seconds each spent training."""
+        return statistics.fmean(run.train_time for run in self.runs)
+
+    @property
+    def name(self):
+        pair = self.student if self.teacher == "-" else f"{self.teacher} -> {self.student}"
+        return f"{self.label} ({self.dataset}, {pair})"
+
+
+def _value_text(value):
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value_text(item) for item in value) + "]"
+    return str(value)
+
+
+def _sort_key(value):
+    """Numbers in numeric order, before anything else in text order."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, repr(value))
+
+
+def _one_run_per_seed(group, warn):
+    """Keep one run of each seed (the one that got furthest, then the newest)."""
+    by_seed = {}
+    for run in group.runs:
+        by_seed.setdefault(run.seed, []).append(run)
+    kept = []
+    for seed, runs in sorted(by_seed.items()):
+        runs.sort(key=lambda run: (len(run.records), run.finished_at), reverse=True)
+        kept.append(runs[0])
+        if len(runs) > 1:
+            group.duplicates += runs[1:]
+            warn(f"{group.name}: seed {seed} was run {len(runs)} times; counting it once, "
+                 f"with {runs[0].path} (the furthest, then newest), not "
+                 f"{', '.join(run.path for run in runs[1:])}")
+    group.runs = kept
+
+
+def _warn_about_neutral_differences(group, warn):
+    for key in WARNED_KEYS:
+        values = sorted({str(run.config.get(key)) for run in group.runs})
+        if len(values) > 1:
+            warn(f"{group.name}: its runs name different {key} ({', '.join(values)}); they "
+                 f"are averaged as seeds of one row, as if the teachers were the same")
+
+
+def summarize(runs, warn=None):
+    """Group runs by their config, over seeds.
+
+    Two runs are seeds of one group when their configs agree on every key but
+    the seed and :data:`NEUTRAL_KEYS` (of the method sections, only the run's
+    own counts). So KD at ``KD.TEMPERATURE`` 4 and 8 are two groups, labelled
+    with the keys that tell them apart.
+
+    Args:
+        runs: :class:`Run` objects from :func:`load_runs`.
+        warn: called with one line for each seed run more than once in a group
+            (it is counted once) and for a group whose runs name different
+            teacher files; prints to stderr by default.
 
     Returns:
-        A list of dicts: dataset, teacher, student, method, seeds, best (mean,
-        std), last (mean, std), epochs (finished / planned), wall_time (mean s).
+        A list of :class:`Group`: per dataset and student, the student alone
+        first, then each teacher's methods in alphabetical order.
     """
-    groups = {}
+    warn = warn or warn_to_stderr
+    grouped = {}
     for run in runs:
-        teacher = "-" if run.method == "NONE" else run.cfg.DISTILLER.TEACHER
-        key = (run.cfg.DATASET.TYPE, teacher, run.cfg.DISTILLER.STUDENT, run.method)
-        groups.setdefault(key, []).append(run)
-    rows = []
-    for (dataset, teacher, student, method), members in groups.items():
-        best = [max(record["test"]["top1"] for record in run.records) for run in members]
-        last = [run.records[-1]["test"]["top1"] for run in members]
-        wall = [sum(record["epoch_time"] for record in run.records) for run in members]
-        finished = min(len(run.records) for run in members)
-        rows.append({"dataset": dataset, "teacher": teacher, "student": student,
-                     "method": "student alone" if method == "NONE" else method,
-                     "seeds": sorted(run.seed for run in members), "best": _mean_std(best),
-                     "last": _mean_std(last),
-                     "epochs": f"{finished}/{members[0].cfg.SOLVER.EPOCHS}",
-                     "wall_time": statistics.fmean(wall)})
-    rows.sort(key=lambda row: (row["dataset"], row["student"], row["method"] != "student alone",
-                               row["method"]))
-    return rows
+        settings = run.settings
+        key = tuple(sorted(settings.items(), key=lambda item: item[0]))
+        grouped.setdefault(key, (settings, []))[1].append(run)
+    groups = [Group(members[0].dataset, members[0].teacher, members[0].student,
+                    members[0].method, sorted(members, key=lambda run: run.seed))
+              for _, members in grouped.values()]
+    # Label each group with the keys on which it differs from its siblings (the
+    # groups of the same method on the same pair).
+    families = {}
+    for group, (settings, _) in zip(groups, grouped.values()):
+        families.setdefault((group.dataset, group.teacher, group.student, group.method),
+                            []).append((group, settings))
+    for members in families.values():
+        if len(members) < 2:
+            continue
+        keys = sorted({key for _, settings in members for key in settings
+                       if len({repr(other.get(key)) for _, other in members}) > 1})
+        for group, settings in members:
+            group.settings = {key: settings.get(key) for key in keys}
+    groups.sort(key=lambda group: (group.dataset, group.student, group.teacher != "-",
+                                   group.teacher, group.method.lower(),
+                                   [_sort_key(value) for value in group.settings.values()]))
+    for group in groups:
+        _one_run_per_seed(group, warn)
+        _warn_about_neutral_differences(group, warn)
+    return groups
 
 
-def _cell(mean_std):
-    mean, std = mean_std
-    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+def _duration(seconds):
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
-def format_table(rows, fmt="markdown"):
-    """The summary as a Markdown table or CSV text."""
-    columns = ["dataset", "teacher", "student", "method", "best top-1", "last top-1", "seeds",
-               "epochs", "wall time"]
+def _epochs(group):
+    fewest, most = group.epochs_finished
+    done = str(fewest) if fewest == most else f"{fewest}-{most}"
+    return f"{done}/{group.epochs_planned}"
+
+
+def _mean_std_cell(mean_std_pair):
+    mean, std = mean_std_pair
+    return f"{mean:.2f} ± {'n/a' if std is None else f'{std:.2f}'}"
+
+
+MARKDOWN_COLUMNS = ("dataset", "teacher", "student", "method", "best top-1", "last top-1",
+                    "seeds", "epochs", "train time")
+CSV_COLUMNS = ("dataset", "teacher", "student", "method", "settings", "best_top1_mean", "best_top1_std",
+               "last_top1_mean", "last_top1_std", "seeds", "seed_list", "epochs_finished",
+               "epochs_planned", "train_time_s")
+
+
+def format_table(groups, fmt="markdown"):
+    """The groups as a Markdown table or as CSV text (no trailing newline).
+
+    Markdown shows the method with the settings that tell its rows apart,
+    ``mean ± std`` with two decimals (``± n/a`` for one seed), the number of
+    seeds, epochs finished/planned (a range when the seeds differ) and the mean
+    training time. CSV has the method and its settings in two columns, separate
+    mean and std columns (``n/a`` for one seed), the seeds, the fewest epochs
+    finished, and seconds.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if fmt == "csv":
-        lines = [",".join(["dataset", "teacher", "student", "method", "best_mean", "best_std",
-                           "last_mean", "last_std", "seeds", "epochs", "wall_time_s"])]
-        for row in rows:
-            lines.append(",".join(str(value) for value in (
-                row["dataset"], row["teacher"], row["student"], row["method"],
-                f"{row['best'][0]:.4f}", "" if row["best"][1] is None else f"{row['best'][1]:.4f}",
-                f"{row['last'][0]:.4f}", "" if row["last"][1] is None else f"{row['last'][1]:.4f}",
-                len(row["seeds"]), row["epochs"], f"{row['wall_time']:.1f}")))
-        return "\n".join(lines)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join([row["dataset"], row["teacher"], row["student"],
-                                        row["method"], _cell(row["best"]), _cell(row["last"]),
-                                        str(len(row["seeds"])), row["epochs"],
-                                        f"{row['wall_time']:.0f} s"]) + " |")
+        import csv
+        import io
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for group in groups:
+            (best, best_std), (last, last_std) = group.best, group.last
+            writer.writerow([
+                group.dataset, group.teacher, group.student, group.runs[0].label,
+                group.settings_text, f"{best:.4f}", "n/a" if best_std is None else f"{best_std:.4f}",
+                f"{last:.4f}", "n/a" if last_std is None else f"{last_std:.4f}",
+                len(group.runs), " ".join(str(seed) for seed in group.seeds),
+                group.epochs_finished[0], group.epochs_planned, f"{group.train_time:.1f}"])
+        return text.getvalue().rstrip("\n")
+    lines = ["| " + " | ".join(MARKDOWN_COLUMNS) + " |",
+             "|" + "|".join("---" for _ in MARKDOWN_COLUMNS) + "|"]
+    for group in groups:
+        cells = (group.dataset, group.teacher, group.student, group.label,
+                 _mean_std_cell(group.best), _mean_std_cell(group.last), str(len(group.runs)),
+                 _epochs(group), _duration(group.train_time))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_curves(runs, path):
-    """Save a PNG of test top-1 per epoch, one line per run."""
+def save_text(text, path):
+    """Write ``text`` and a final newline to ``path``."""
     try:
-        import matplotlib
+        with open(path, "w") as handle:
+            handle.write(text + "\n")
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror}") from None
+    return path
+
+
+def plot_curves(runs, path, title=None):
+    """Save a PNG of test top-1 per epoch, one line per run.
+
+    A method keeps one colour and a seed one line style, so a method's seeds
+    read as a band. Uses the Agg canvas directly, leaving pyplot's global
+    backend alone.
+
+    Args:
+        runs: :class:`Run` objects.
+        path: the PNG file to write.
+        title: the figure title; by default the pair when all runs share one.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        UserError: matplotlib is not installed, or ``path`` cannot be written.
+    """
+    try:
+        from matplotlib import colormaps
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
-        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, axis = plt.subplots(figsize=(8, 5))
-    # One colour per method, one line style per seed, so methods read as bands.
-    methods = sorted({run.method for run in runs})
-    seeds = sorted({run.seed for run in runs})
-    colors = plt.get_cmap("tab10")
-    styles = ["-", "--", ":", "-."]
-    for run in sorted(runs, key=lambda run: (run.method, run.seed)):
-        label = "student alone" if run.method == "NONE" else run.method
-        axis.plot([record["epoch"] for record in run.records],
-                  [record["test"]["top1"] for record in run.records],
-                  color=colors(methods.index(run.method) % 10),
+        raise UserError("plotting needs matplotlib: pip install matplotlib "
+                        "(or pip install -e \".[dev]\")") from None
+    if not runs:
+        raise UserError("no runs to plot")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"cannot write {path}: no folder {folder}")
+    groups = summarize(runs, warn=lambda text: None)
+    ordered = [run for group in groups for run in group.runs]
+    label_of = {id(run): group.label for group in groups for run in group.runs}
+    pairs = list(dict.fromkeys((run.dataset, run.teacher, run.student) for run in ordered
+                               if not run.is_student_alone))
+    students = {(run.dataset, run.student) for run in ordered}
+    several_pairs = len(pairs) > 1 or len(students) > 1
+
+    def line_name(run):      # what one colour stands for: a row, or a row on a pair
+        if not several_pairs:
+            return label_of[id(run)]
+        pair = run.student if run.is_student_alone else f"{run.teacher}→{run.student}"
+        return f"{pair}: {label_of[id(run)]}"
+
+    names = list(dict.fromkeys(line_name(run) for run in ordered))
+    seeds = sorted({run.seed for run in ordered})
+    colours = colormaps["tab10"]
+    styles = ("-", "--", ":", "-.")
+
+    figure = Figure(figsize=(8, 5))
+    FigureCanvasAgg(figure)
+    axis = figure.add_subplot()
+    for run in ordered:
+        epochs = [record["epoch"] for record in run.records]
+        top1 = [record["test"]["top1"] for record in run.records]
+        axis.plot(epochs, top1, color=colours(names.index(line_name(run)) % colours.N),
                   linestyle=styles[seeds.index(run.seed) % len(styles)],
-                  label=f"{label}, seed {run.seed}")
+                  marker="o" if len(epochs) == 1 else None, linewidth=1.2,
+                  label=f"{line_name(run)}, seed {run.seed}")
+    if title is None and not several_pairs:
+        first = ordered[-1]      # a distilled run when there is one: they sort last
+        title = f"{first.dataset}: " + (first.student if first.is_student_alone
+                                        else f"{first.teacher} → {first.student}")
+    if title:
+        axis.set_title(title)
     axis.set_xlabel("epoch")
     axis.set_ylabel("test top-1 (%)")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, ncol=2)
+    axis.legend(fontsize=7, ncol=2 if len(ordered) > 8 else 1, loc="lower right")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=120, format="png")
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
     return path
