@@ -19,6 +19,7 @@ from torch import nn
 from mdistill.config import load_cfg
 from mdistill.data import ContrastiveSampler
 from mdistill.distillers import DISTILLERS, build_distiller
+from mdistill.engine.update_rules import commit_step
 from mdistill.errors import UserError
 
 # ----------------------------------------------------------------- helpers
@@ -395,6 +396,11 @@ def test_crd_loss_and_memory_update_match_the_formula():
     _, losses = distiller(image(3), TARGET[:3], index=CRD_INDEX,
                           contrastive_index=CRD_CONTRAST)
     assert set(losses) == {"loss_ce", "loss_feat"}
+    # The forward computes only: banks and Z move when the trainer commits the step.
+    assert torch.equal(distiller.memory_student, torch.tensor(memory_s, dtype=torch.float32))
+    assert distiller.z_student.item() < 0
+    loss_feat = losses["loss_feat"].item()
+    commit_step(distiller)
 
     idx = CRD_CONTRAST.numpy()
     # Student embedding against the teacher's memory, and the other way round.
@@ -404,7 +410,7 @@ def test_crd_loss_and_memory_update_match_the_formula():
     expected = np_nce(scores_s / z_s, NUM_DATA) + np_nce(scores_t / z_t, NUM_DATA)
     assert distiller.z_student.item() == pytest.approx(z_s, rel=1e-5)
     assert distiller.z_teacher.item() == pytest.approx(z_t, rel=1e-5)
-    assert losses["loss_feat"].item() == pytest.approx(0.8 * expected, rel=1e-5)
+    assert loss_feat == pytest.approx(0.8 * expected, rel=1e-5)
     assert losses["loss_ce"].item() == pytest.approx(
         0.4 * np_cross_entropy(S_LOGITS[:3], TARGET[:3]), rel=1e-6)
 
@@ -441,10 +447,13 @@ def test_crd_fixes_z_after_the_first_batch():
     distiller = make_crd(s_pooled, t_pooled).train()
     assert distiller.z_student.item() < 0 and distiller.z_teacher.item() < 0
     distiller(image(3), TARGET[:3], index=CRD_INDEX, contrastive_index=CRD_CONTRAST)
+    assert distiller.z_student.item() < 0          # a skipped step would not fix Z
+    commit_step(distiller)
     z = (distiller.z_student.item(), distiller.z_teacher.item())
     assert z[0] > 0 and z[1] > 0
     other = torch.tensor([[2, 5, 6, 1], [3, 0, 5, 6], [4, 1, 1, 0]])
     distiller(image(3), TARGET[:3], index=torch.tensor([2, 3, 4]), contrastive_index=other)
+    commit_step(distiller)
     assert (distiller.z_student.item(), distiller.z_teacher.item()) == z
     # Z is state: a checkpointed run resumes with it.
     assert {"z_student", "z_teacher"} <= set(distiller.state_dict())
@@ -568,6 +577,12 @@ def test_advkd_losses_and_diagnostics_match_the_formulas(kind, input_kind):
 
     _, losses = distiller(image(4), TARGET)
     assert set(losses) == {"loss_ce", "loss_kd", "loss_adv"}
+    # The forward computes with D as it is; D takes its step in the trainer's phase.
+    after_forward = distiller.discriminator.state_dict()
+    assert all(torch.equal(before[key], after_forward[key]) for key in before)
+    assert losses["loss_adv"].item() == pytest.approx(0.6 * np_g_loss(d_fake, kind, label),
+                                                      rel=1e-5)
+    commit_step(distiller)
     diagnostics = distiller.pop_diagnostics()
     threshold = label / 2 if kind == "lsgan" else 0.0
     assert diagnostics["d_loss"] == pytest.approx(np_d_loss(d_real, d_fake, kind, label),
@@ -575,12 +590,8 @@ def test_advkd_losses_and_diagnostics_match_the_formulas(kind, input_kind):
     assert diagnostics["d_acc_teacher"] == pytest.approx(np.mean(d_real > threshold))
     assert diagnostics["d_acc_student"] == pytest.approx(np.mean(d_fake <= threshold))
     assert diagnostics["adv_weight"] == pytest.approx(0.6)
-    # D took its step before the student's adversarial loss, which uses the updated D.
     after = distiller.discriminator.state_dict()
     assert not all(torch.equal(before[key], after[key]) for key in before)
-    d_fake_after = np_discriminator(distiller.discriminator, fake_in)
-    assert losses["loss_adv"].item() == pytest.approx(
-        0.6 * np_g_loss(d_fake_after, kind, label), rel=1e-5)
     assert losses["loss_ce"].item() == pytest.approx(0.2 * np_cross_entropy(S_LOGITS, TARGET),
                                                      rel=1e-6)
     assert losses["loss_kd"].item() == pytest.approx(0.7 * np_kd(S_LOGITS, T_LOGITS, 2.0),
@@ -594,6 +605,7 @@ def test_advkd_with_zero_adversarial_weight_equals_kd():
     advkd.on_epoch_start(50)
     for _ in range(3):                        # D steps in between change nothing for the student
         _, adv_losses = advkd(image(4), TARGET)
+        commit_step(advkd)
         _, kd_losses = kd(image(4), TARGET)
         assert torch.equal(adv_losses["loss_ce"], kd_losses["loss_ce"])
         assert torch.equal(adv_losses["loss_kd"], kd_losses["loss_kd"])
@@ -606,6 +618,7 @@ def test_advkd_discriminator_learns_with_the_student_frozen():
     losses = []
     for _ in range(30):
         distiller(image(4), TARGET)
+        commit_step(distiller)
         losses.append(distiller.pop_diagnostics()["d_loss"])
     assert losses[-1] < 0.8 * losses[0]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
@@ -667,13 +680,12 @@ def test_advkd_gradients_reach_the_student_and_its_modules_never_the_teacher(inp
     distiller = make_advkd(input_kind=input_kind, warmup_epochs=0).train()
     _, losses = distiller(image(4), TARGET)
     # The student-side adapter ("feature") trains with the student; D with its own
-    # optimizer, from its step only (frozen for the student's loss).
-    assert all(p.grad is not None for p in distiller.discriminator.parameters())
-    d_grads = [p.grad.clone() for p in distiller.discriminator.parameters()]
+    # optimizer, in its phase only (frozen for the student's loss).
     trained = ["student_adapter"] if input_kind == "feature" else []
     assert_gradients(distiller, losses, trained)
-    d_params = list(distiller.discriminator.parameters())
-    assert all(torch.equal(grad, p.grad) for grad, p in zip(d_grads, d_params))
+    assert all(p.grad is None for p in distiller.discriminator.parameters())
+    commit_step(distiller)
+    assert all(p.grad is not None for p in distiller.discriminator.parameters())
     names = {name for name, _ in distiller.trainable_named_modules()}
     assert "discriminator" not in names and "teacher" not in names
     learnable = {id(p) for p in distiller.get_learnable_parameters()}
@@ -704,18 +716,19 @@ def test_advkd_declarations():
                    for m in distiller.discriminator.modules())
 
 
-def test_advkd_steps_d_only_in_training_mode_and_in_fp32():
-    distiller = make_advkd()
-    distiller.eval()
+def test_advkd_forward_leaves_d_alone_and_runs_in_fp32():
+    distiller = make_advkd(spectral_norm=True).train()
     before = copy.deepcopy(distiller.discriminator.state_dict())
     distiller.forward_train(image(4), TARGET)
-    after = distiller.discriminator.state_dict()
+    after = distiller.discriminator.state_dict()       # spectral norm's vectors included
     assert all(torch.equal(before[key], after[key]) for key in before)
-    assert distiller(image(4)).shape == (4, NUM_CLASSES)      # eval: student logits only
+    assert distiller.discriminator.training
+    assert distiller.eval()(image(4)).shape == (4, NUM_CLASSES)   # eval: student logits only
     distiller.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, losses = distiller(image(4), TARGET)
     assert losses["loss_adv"].dtype == torch.float32
+    commit_step(distiller)
     assert all(p.dtype == torch.float32 for p in distiller.discriminator.parameters())
     assert np.isfinite(distiller.pop_diagnostics()["d_loss"])
 

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import unknown_choice
 from ..registry import DISTILLERS
-from ..utils.dist import average_gradients
-from .base import Distiller, kd_loss, probe_features
+from .base import Distiller, Phase, kd_loss, probe_features
 
 GAN_LOSSES = ("bce", "lsgan", "hinge")
 INPUTS = ("logits", "probs", "feature")
@@ -99,9 +98,11 @@ def generator_loss(fake_scores, kind, real_label=1.0):
 class AdvKD(Distiller):
     """KD plus an adversarial term from a discriminator on the outputs.
 
-    Every training step first updates D (``d_steps`` times, on detached
-    inputs, in fp32, with its own Adam), then computes the student's losses
-    with D frozen::
+    The forward computes the student's losses with D frozen (and in eval
+    mode, so that spectral normalisation's power iteration does not move);
+    then, after the student's update, the trainer runs the declared
+    ``discriminator`` phase: ``d_steps`` updates of D with its own Adam, in
+    fp32, on the step's detached inputs (:meth:`extra_phases`)::
 
         loss_ce  = ce_weight * CE
         loss_kd  = kd_weight * KD(T)
@@ -110,8 +111,8 @@ class AdvKD(Distiller):
 
     With ``adv_weight`` 0, ``loss_ce`` and ``loss_kd`` are exactly KD's and
     ``loss_adv`` is 0. The trainer schedules and checkpoints D's optimizer
-    (:meth:`auxiliary_optimizers`); DDP leaves D alone and its gradients are
-    averaged here.
+    (:meth:`auxiliary_optimizers`); DDP leaves D alone and the trainer
+    averages its gradients over processes in the phase.
 
     What D sees (``input_kind``):
 
@@ -129,8 +130,9 @@ class AdvKD(Distiller):
 
         advkd = AdvKD(student, teacher, num_classes=100, adv_weight=0.5, gan_loss="hinge")
         advkd.train().on_epoch_start(1)
-        logits, losses = advkd(image, target)   # D has already taken its step
-        sum(losses.values()).backward()         # then the trainer steps the student
+        logits, losses = advkd(image, target)   # computes only
+        sum(losses.values()).backward()         # the trainer steps the student,
+        commit_step(advkd)                      # then D (mdistill.engine.update_rules)
 
     Args:
         student, teacher: the models.
@@ -201,8 +203,14 @@ class AdvKD(Distiller):
     def auxiliary_optimizers(self):
         return {"discriminator": self.d_optimizer}
 
+    def extra_phases(self):
+        if self.d_steps <= 0:
+            return []
+        return [Phase("discriminator", self.d_optimizer, self.discriminator_phase_loss,
+                      self.d_steps)]
+
     def ddp_ignored_names(self):
-        # D is stepped here, with its gradients averaged over processes explicitly.
+        # D is stepped in its own phase, its gradients averaged over processes by the trainer.
         names = super().ddp_ignored_names()
         names += [f"discriminator.{name}" for name, _ in self.discriminator.named_parameters()]
         names += [f"discriminator.{name}" for name, _ in self.discriminator.named_buffers()]
@@ -226,24 +234,24 @@ class AdvKD(Distiller):
         adapter = self.student_adapter if side == "student" else self.teacher_adapter
         return adapter(feats["pooled_feat"].float())
 
-    def discriminator_step(self, real, fake):
-        """One D update on detached inputs.
+    def discriminator_phase_loss(self):
+        """D's loss on the step's detached inputs (the ``discriminator`` phase).
 
-        Returns:
-            ``(loss, fraction of real called real, fraction of fake called fake)``,
-            from the scores before the update.
+        Also logs ``d_loss`` and the fractions of real called real
+        (``d_acc_teacher``) and fake called fake (``d_acc_student``), from the
+        scores D gives before this update.
         """
-        self.d_optimizer.zero_grad(set_to_none=True)
-        real_scores = self.discriminator(real.detach())
-        fake_scores = self.discriminator(fake.detach())
-        loss = discriminator_loss(real_scores, fake_scores, self.gan_loss, self.real_label)
-        loss.backward()
-        average_gradients(list(self.discriminator.parameters()))
-        self.d_optimizer.step()
+        real, fake = self.stashed["real"], self.stashed["fake"]
+        with torch.autocast(real.device.type, enabled=False):
+            real_scores = self.discriminator(real)
+            fake_scores = self.discriminator(fake)
+            loss = discriminator_loss(real_scores, fake_scores, self.gan_loss, self.real_label)
         # The score halfway between D's targets for real and fake.
         threshold = self.real_label / 2 if self.gan_loss == "lsgan" else 0.0
-        return (loss.detach(), (real_scores.detach() > threshold).float().mean(),
-                (fake_scores.detach() <= threshold).float().mean())
+        self.log_diagnostic("d_loss", loss)
+        self.log_diagnostic("d_acc_teacher", (real_scores.detach() > threshold).float().mean())
+        self.log_diagnostic("d_acc_student", (fake_scores.detach() <= threshold).float().mean())
+        return loss
 
     def forward_train(self, image, target, **batch):
         logits, feats = self.student(image)
@@ -253,20 +261,15 @@ class AdvKD(Distiller):
         with torch.autocast(image.device.type, enabled=False):
             fake = self.discriminator_input(logits, feats, "student")
             real = self.discriminator_input(teacher_logits, teacher_feats, "teacher")
-            if self.training:
-                for _ in range(self.d_steps):
-                    d_loss, real_acc, fake_acc = self.discriminator_step(real, fake)
-                if self.d_steps > 0:
-                    self.log_diagnostic("d_loss", d_loss)
-                    self.log_diagnostic("d_acc_teacher", real_acc)
-                    self.log_diagnostic("d_acc_student", fake_acc)
+            self.stash(real=real.detach(), fake=fake.detach())
             # D frozen: the student's gradient flows through it, D's own does not.
-            self.discriminator.requires_grad_(False)
+            was_training = self.discriminator.training
+            self.discriminator.requires_grad_(False).eval()
             try:
                 adversarial = generator_loss(self.discriminator(fake), self.gan_loss,
                                              self.real_label)
             finally:
-                self.discriminator.requires_grad_(True)
+                self.discriminator.requires_grad_(True).train(was_training)
         self.log_diagnostic("adv_weight", weight)
         return logits, {
             "loss_ce": self.ce_weight * F.cross_entropy(logits.float(), target),

@@ -202,13 +202,14 @@ class Distiller(nn.Module):
         return min(self.epoch / warmup_epochs, 1.0)
 
     def log_diagnostic(self, name, value):
-        """Record a scalar for TensorBoard under ``<method>/<name>``."""
-        self._diagnostics[name] = float(value)
+        """Record a scalar for TensorBoard under ``<method>/<name>``; a tensor stays on
+        its device until :meth:`pop_diagnostics` (no host sync inside a step)."""
+        self._diagnostics[name] = value.detach() if torch.is_tensor(value) else value
 
     def pop_diagnostics(self):
-        """Return and clear the diagnostics recorded since the last call."""
+        """Return (as floats) and clear the diagnostics recorded since the last call."""
         diagnostics, self._diagnostics = self._diagnostics, {}
-        return diagnostics
+        return {name: float(value) for name, value in diagnostics.items()}
 
     def state_dict_to_save(self):
         """Everything to checkpoint except the teacher (it never changes)."""

@@ -53,13 +53,14 @@ class CRD(Distiller):
     same-class sample in "relax" mode) is the positive, the other K rows,
     from other classes, the negatives. ``loss_ce = ce_weight * CE`` and
     ``loss_feat = feat_weight * (NCE(student vs teacher memory) + NCE(teacher
-    vs student memory))``. After the loss, the banks' rows of the batch's
-    samples move towards the new embeddings (momentum, then re-normalised),
-    with every process's batch, so the banks stay identical across processes.
+    vs student memory))``. After an accepted step (:meth:`after_step`; the
+    forward writes nothing), the banks' rows of the batch's samples move
+    towards the step's embeddings (momentum, then re-normalised), with every
+    process's batch, so the banks stay identical across processes.
 
     The banks (``memory_student``, ``memory_teacher``) and the normalisation
-    constants (``z_student``, ``z_teacher``, estimated on the first batch as
-    ``mean score * num_data`` and then fixed) are buffers: saved in
+    constants (``z_student``, ``z_teacher``, estimated on the first accepted
+    batch as ``mean score * num_data`` and then fixed) are buffers: saved in
     checkpoints and left alone by DistributedDataParallel.
 
     Args:
@@ -95,6 +96,7 @@ class CRD(Distiller):
         self.register_buffer("memory_teacher", torch.rand(num_data, feat_dim) * 2 * bound - bound)
         self.register_buffer("z_student", torch.tensor(-1.0))   # -1: not estimated yet
         self.register_buffer("z_teacher", torch.tensor(-1.0))
+        self._z_fixed = None        # cached "Z is known" (read once from the buffers)
 
     @classmethod
     def from_config(cls, cfg, student, teacher, data_info=None):
@@ -116,18 +118,32 @@ class CRD(Distiller):
         return super().ddp_ignored_names() + ["memory_student", "memory_teacher",
                                               "z_student", "z_teacher"]
 
-    def _scores(self, embedding, memory, contrastive_index, z_buffer):
-        """``exp(<memory row, embedding> / T) / Z`` for the positive and the negatives."""
+    def z_fixed(self):
+        """Whether Z has been estimated (one host read, then cached)."""
+        if not self._z_fixed:
+            self._z_fixed = bool(self.z_student.item() > 0 and self.z_teacher.item() > 0)
+        return self._z_fixed
+
+    def load_state_dict(self, state_dict, strict=True, **kwargs):
+        self._z_fixed = None
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+
+    def _scores(self, embedding, memory, contrastive_index, z_buffer, z_name):
+        """``exp(<memory row, embedding> / T) / Z`` for the positive and the negatives.
+
+        Before Z is fixed, it is estimated from this batch (over every process) and
+        stashed for :meth:`after_step`, which fixes it."""
         rows = memory[contrastive_index]                                  # [B, K+1, D]
         scores = torch.exp(torch.bmm(rows, embedding.unsqueeze(2)).squeeze(2) / self.temperature)
-        if z_buffer.item() < 0:
-            mean = all_reduce_sum(scores.detach().mean().reshape(1)) / get_world_size()
-            z_buffer.fill_(mean.item() * self.num_data)
-        return scores / z_buffer
+        if self.z_fixed():
+            return scores / z_buffer
+        z = all_reduce_sum(scores.detach().mean().reshape(1))[0] / get_world_size() * self.num_data
+        self.stash(**{z_name: z})
+        return scores / z
 
     @torch.no_grad()
     def _update_memory(self, memory, index, embedding):
-        index, embedding = all_gather_cat(index), all_gather_cat(embedding.detach())
+        index, embedding = all_gather_cat(index), all_gather_cat(embedding)
         # A padded distributed epoch can hold one sample twice; index_copy_ with
         # repeated indices picks a winner nondeterministically (CUDA), which would
         # let the processes' banks drift apart. Keep the last occurrence of each.
@@ -137,6 +153,19 @@ class CRD(Distiller):
                                                          include_self=False)
         rows = memory[unique] * self.momentum + embedding[last] * (1 - self.momentum)
         memory.index_copy_(0, unique, F.normalize(rows, dim=1))
+
+    @torch.no_grad()
+    def after_step(self):
+        """Commit the accepted step: fix Z (first step) and update both memory banks."""
+        stashed = self.stashed
+        if "index" not in stashed:
+            return
+        for name in ("z_student", "z_teacher"):
+            if name in stashed:
+                getattr(self, name).copy_(stashed[name])
+        self._z_fixed = None
+        self._update_memory(self.memory_student, stashed["index"], stashed["student_embedding"])
+        self._update_memory(self.memory_teacher, stashed["index"], stashed["teacher_embedding"])
 
     def forward_train(self, image, target, index=None, contrastive_index=None, **batch):
         if index is None or contrastive_index is None:
@@ -148,12 +177,12 @@ class CRD(Distiller):
             student_embedding = self.embed_student(feats["pooled_feat"])
             teacher_embedding = self.embed_teacher(teacher_feats["pooled_feat"])
             student_scores = self._scores(student_embedding, self.memory_teacher,
-                                          contrastive_index, self.z_student)
+                                          contrastive_index, self.z_student, "z_student")
             teacher_scores = self._scores(teacher_embedding, self.memory_student,
-                                          contrastive_index, self.z_teacher)
+                                          contrastive_index, self.z_teacher, "z_teacher")
             contrastive = (nce_loss(student_scores, self.num_data)
                            + nce_loss(teacher_scores, self.num_data))
-        self._update_memory(self.memory_student, index, student_embedding)
-        self._update_memory(self.memory_teacher, index, teacher_embedding)
+        self.stash(index=index, student_embedding=student_embedding.detach(),
+                   teacher_embedding=teacher_embedding.detach())
         return logits, {"loss_ce": self.ce_weight * F.cross_entropy(logits.float(), target),
                         "loss_feat": self.feat_weight * contrastive}

@@ -10,6 +10,7 @@ from ..errors import UserError
 from ..models import build_model
 from ..utils.dist import barrier, get_rank, get_world_size
 from .checkpoint import extract_state_dict, load_checkpoint, load_model_weights
+from .update_rules import UPDATE_RULES
 
 # mdistiller's layout of its released CIFAR teachers.
 MDISTILLER_TEACHER = "download_ckpts/cifar_teachers/{arch}_vanilla/ckpt_epoch_240.pth"
@@ -119,6 +120,7 @@ def build_experiment(cfg, device=None, load_teacher_weights=True):
         raise UserError("SOLVER.AMP fp16 needs a CUDA device; on CPU use bf16 or none")
     train_batch = per_process_batch(cfg.SOLVER.BATCH_SIZE, world_size)
     method = DISTILLERS.get(cfg.DISTILLER.TYPE)
+    UPDATE_RULES.get(cfg.SOLVER.TRAINER)(cfg.SOLVER)     # a wrong rule or solver fails here
     data = load_dataset_once_per_node(cfg)
 
     torch.manual_seed(cfg.EXPERIMENT.SEED)

@@ -16,31 +16,13 @@ from ..errors import UserError
 from ..utils.dist import all_reduce_sum, get_world_size, is_distributed, is_main_process
 from .checkpoint import save_checkpoint
 from .evaluate import evaluate, topk_correct
+from .update_rules import UPDATE_RULES, commit_step
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingStopped(UserError):
     """The run cannot go on (a non-finite loss); the last good checkpoint is kept."""
-
-
-def build_optimizer(solver, params):
-    """The optimizer named by SOLVER.TYPE over ``params``.
-
-    On CUDA without fp16 the fused implementation is used: one kernel for all
-    parameters instead of several per tensor, which matters for small CIFAR
-    models whose steps are bound by kernel launches. (With fp16's gradient
-    scaler the fused step diverged on an H100, so the scaler keeps the
-    standard implementation.)
-    """
-    params = list(params)
-    fused = (bool(params) and all(param.is_cuda for param in params)
-             and solver.AMP != "fp16")
-    if solver.TYPE == "SGD":
-        return torch.optim.SGD(params, lr=solver.LR, momentum=solver.MOMENTUM,
-                               weight_decay=solver.WEIGHT_DECAY, fused=fused or None)
-    optimizer = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}[solver.TYPE]
-    return optimizer(params, lr=solver.LR, weight_decay=solver.WEIGHT_DECAY, fused=fused or None)
 
 
 def build_scheduler(solver, optimizer):
@@ -137,7 +119,8 @@ class Trainer:
         if is_distributed() and cfg.SOLVER.SYNC_BN:
             self.distiller.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
                 self.distiller.student)
-        self.optimizer = build_optimizer(cfg.SOLVER, self.distiller.get_learnable_parameters())
+        self.update_rule = UPDATE_RULES.get(cfg.SOLVER.TRAINER)(cfg.SOLVER)
+        self.optimizer = self.update_rule.build_optimizer(self.distiller.get_learnable_parameters())
         self.scheduler = build_scheduler(cfg.SOLVER, self.optimizer)
         self.aux_optimizers = self.distiller.auxiliary_optimizers()
         self.aux_schedulers = {name: build_scheduler(cfg.SOLVER, optimizer)
@@ -163,6 +146,12 @@ class Trainer:
         self.mid_epoch = False      # resumed inside an epoch
         self.skipped_steps = 0
         self.stop_signal = None
+        # Running statistics the forward may move (BatchNorm's), restored when a step
+        # is skipped; the teacher's never move (eval mode).
+        self.forward_buffers = [buffer for name, module in self.distiller.named_modules()
+                                if isinstance(module, torch.nn.modules.batchnorm._NormBase)
+                                and not name.startswith("teacher")
+                                for buffer in module.buffers()]
         # Called with "forward" and "step" as a step passes them (the benchmark times phases).
         self.phase_hook = None
 
@@ -330,8 +319,17 @@ class Trainer:
         return all_reduce_sum(flag).item() > 0
 
     def run_step(self, batch):
-        """One optimizer step on ``batch``; returns the loss values or None if skipped."""
-        with self.autocast():
+        """One training step on ``batch``; returns the loss values, or None if skipped.
+
+        The forward only computes; the update rule (SOLVER.TRAINER) back-propagates
+        and steps the optimizer; then the method's extra phases and state commits
+        run (:func:`~mdistill.engine.update_rules.commit_step`). A step whose loss
+        is not finite is skipped whole: nothing is updated and the BatchNorm
+        statistics the forward moved are put back.
+        """
+        saved = ([buffer.clone() for buffer in self.forward_buffers]
+                 if self.cfg.SOLVER.SKIP_NONFINITE_STEPS > 0 else None)
+        with self.update_rule.forward_context(self.model), self.autocast():
             logits, losses = self.model(**batch)
         if self.phase_hook is not None:
             self.phase_hook("forward")
@@ -347,6 +345,10 @@ class Trainer:
                            correct.float().reshape(1)]).tolist()
         self.optimizer.zero_grad(set_to_none=True)
         if stats[0] < 1:
+            self.distiller.clear_stash()
+            self.distiller.pop_diagnostics()
+            if saved is not None:
+                torch._foreach_copy_(self.forward_buffers, saved)
             self.skipped_steps += 1
             bad = [name for name, value in zip(losses, stats[2:-1]) if not math.isfinite(value)]
             where = f"loss {', '.join(bad) or 'on another process'} is not finite at epoch " \
@@ -357,22 +359,21 @@ class Trainer:
             self.log(f"{where}; step skipped ({self.skipped_steps}/"
                      f"{self.cfg.SOLVER.SKIP_NONFINITE_STEPS})")
             return None
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.update_rule.backward_and_step(losses, self.optimizer, self.scaler)
+        commit_step(self.distiller)
         if self.phase_hook is not None:
             self.phase_hook("step")
         self.global_step += 1
         values = dict(zip(losses, stats[2:-1]))
         values["loss"] = stats[1]
         self.meter.update(values, stats[-1], batch["target"].numel())
-        diagnostics = self.distiller.pop_diagnostics()
         if self.writer is not None and self.global_step % self.cfg.LOG.TENSORBOARD_FREQ == 0:
             for name, value in values.items():
                 self.writer.add_scalar(f"train/{name}", value, self.global_step)
             self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"],
                                    self.global_step)
-            for name, value in diagnostics.items():
+            # Diagnostics stay on the device until they are written (no sync per step).
+            for name, value in self.distiller.pop_diagnostics().items():
                 self.writer.add_scalar(f"{self.method}/{name}", value, self.global_step)
         return values
 

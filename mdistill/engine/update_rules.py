@@ -1,0 +1,225 @@
+"""Update rules: how the trainer turns one step's losses into parameter updates.
+
+SOLVER.TRAINER names the rule (mdistiller's key and values):
+
+* ``base``: one backward of the summed losses, one optimizer step;
+* ``crd``: mdistiller's trainer for CRD; here the same as ``base``, since CRD
+  declares what it needs (extra batch fields, :meth:`after_step`);
+* ``dot``: Zhao et al.'s Distillation-Oriented Trainer ("DOT: A
+  Distillation-Oriented Trainer", ICCV 2023): the task loss ``loss_ce`` and
+  the distillation losses (all the others) are back-propagated separately,
+  and SGD keeps one momentum buffer per gradient, MOMENTUM - DOT.DELTA for the
+  task's and MOMENTUM + DOT.DELTA for the distillation's;
+* ``crd_dot``: DOT with CRD; the same as ``dot`` here.
+
+A rule only back-propagates and steps: the trainer has already checked that
+the losses are finite, and runs the method's extra phases and state commits
+afterwards (:func:`run_extra_phases`, :func:`commit_step`).
+"""
+import contextlib
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import UserError
+from ..registry import Registry
+from ..utils.dist import average_gradients
+
+UPDATE_RULES = Registry("update rule (SOLVER.TRAINER)")
+TASK_LOSS = "loss_ce"
+
+
+def build_optimizer(solver, params):
+    """The optimizer named by SOLVER.TYPE over ``params``.
+
+    On CUDA without fp16 the fused implementation is used: one kernel for all
+    parameters instead of several per tensor, which matters for small CIFAR
+    models whose steps are bound by kernel launches. (With fp16's gradient
+    scaler the fused step diverged on an H100, so the scaler keeps the
+    standard implementation.)
+    """
+    params = list(params)
+    fused = (bool(params) and all(param.is_cuda for param in params)
+             and solver.AMP != "fp16")
+    if solver.TYPE == "SGD":
+        return torch.optim.SGD(params, lr=solver.LR, momentum=solver.MOMENTUM,
+                               weight_decay=solver.WEIGHT_DECAY, fused=fused or None)
+    optimizer = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}[solver.TYPE]
+    return optimizer(params, lr=solver.LR, weight_decay=solver.WEIGHT_DECAY, fused=fused or None)
+
+
+@UPDATE_RULES.register("base")
+class BaseRule:
+    """One backward of the summed losses, then one (scaled) optimizer step."""
+
+    def __init__(self, solver):
+        self.solver = solver
+
+    def build_optimizer(self, params):
+        return build_optimizer(self.solver, params)
+
+    def forward_context(self, model):
+        """The context of the training forward (DOT turns DDP's own sync off)."""
+        return contextlib.nullcontext()
+
+    def backward_and_step(self, losses, optimizer, scaler):
+        """Back-propagate ``losses`` (``{name: scalar}``) and step ``optimizer``."""
+        scaler.scale(sum(losses.values())).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
+UPDATE_RULES.register("crd", BaseRule)
+
+
+class DOTOptimizer(torch.optim.Optimizer):
+    """SGD with one momentum buffer for the task gradient and one for the
+    distillation gradient, as mdistiller's ``DistillationOrientedTrainer``.
+
+    Before :meth:`step`, the trainer back-propagates the distillation loss and
+    hands its gradients to :meth:`set_distillation_grads`, then back-propagates
+    the task loss into ``.grad``. :meth:`step` then applies, per parameter
+    ``p`` with task gradient ``g`` and distillation gradient ``k``:
+
+    * task: ``d = g + wd p``; the buffer starts at ``d``, then
+      ``b = m b + d`` when ``p`` also has a distillation gradient, else
+      ``b = (m + m_kd) / 2 b + d``; ``p -= lr b``;
+    * distillation: the buffer starts at ``k`` (no weight decay), then
+      ``b_kd = m_kd b_kd + k`` when ``p`` also has a task gradient, else
+      ``b_kd = (m + m_kd) / 2 b_kd + (k + wd p)``; ``p -= lr b_kd``.
+
+    A parameter's weight decay is thus applied once (with the task gradient
+    when it has one), and one that sees only one of the two gradients keeps
+    the mean momentum. Buffers live in the optimizer state (checkpointed).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        momentum: the task gradient's momentum (MOMENTUM - DELTA).
+        momentum_kd: the distillation gradient's momentum (MOMENTUM + DELTA).
+        weight_decay: L2 penalty.
+    """
+
+    def __init__(self, params, lr, momentum, momentum_kd, weight_decay=0.0):
+        if min(lr, momentum, momentum_kd, weight_decay) < 0:
+            raise ValueError("DOT needs a non-negative lr, momenta and weight decay")
+        super().__init__(params, dict(lr=lr, momentum=momentum, momentum_kd=momentum_kd,
+                                      weight_decay=weight_decay))
+        self._distillation_grads = {}
+
+    def set_distillation_grads(self, grads):
+        """``{parameter: unscaled distillation gradient}`` for the next :meth:`step`."""
+        self._distillation_grads = grads
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        kd_grads, self._distillation_grads = self._distillation_grads, {}
+        for group in self.param_groups:
+            lr, decay = group["lr"], group["weight_decay"]
+            momentum, momentum_kd = group["momentum"], group["momentum_kd"]
+            mean_momentum = (momentum + momentum_kd) / 2
+            for param in group["params"]:
+                grad, kd_grad = param.grad, kd_grads.get(param)
+                state = self.state[param]
+                if grad is not None:
+                    update = grad.add(param, alpha=decay) if decay else grad
+                    buffer = state.get("momentum_buffer")
+                    if buffer is None:
+                        buffer = state["momentum_buffer"] = update.clone()
+                    else:
+                        buffer.mul_(momentum if kd_grad is not None else mean_momentum)
+                        buffer.add_(update)
+                    param.add_(buffer, alpha=-lr)
+                if kd_grad is not None:
+                    buffer = state.get("momentum_kd_buffer")
+                    if buffer is None:
+                        buffer = state["momentum_kd_buffer"] = kd_grad.clone()
+                    elif grad is not None:
+                        buffer.mul_(momentum_kd).add_(kd_grad)
+                    else:
+                        update = kd_grad.add(param, alpha=decay) if decay else kd_grad
+                        buffer.mul_(mean_momentum).add_(update)
+                    param.add_(buffer, alpha=-lr)
+
+
+@UPDATE_RULES.register("dot")
+class DOTRule(BaseRule):
+    """Two backward passes (distillation, then task) and :class:`DOTOptimizer`.
+
+    With fp16's GradScaler each gradient is unscaled before it reaches a
+    momentum buffer, and an overflow in either skips the whole step (the
+    scaler then lowers its scale as for any overflow). Under
+    DistributedDataParallel the forward runs without DDP's gradient hooks
+    (two backward passes through one forward are not what DDP expects) and
+    each gradient is averaged over processes here.
+    """
+
+    def __init__(self, solver):
+        super().__init__(solver)
+        if solver.TYPE != "SGD":
+            raise UserError(f"SOLVER.TRAINER {solver.TRAINER} (DOT) is an SGD variant; "
+                            f"SOLVER.TYPE {solver.TYPE} cannot be used with it (use SGD)")
+
+    def build_optimizer(self, params):
+        solver = self.solver
+        return DOTOptimizer(params, lr=solver.LR, momentum=solver.MOMENTUM - solver.DOT.DELTA,
+                            momentum_kd=solver.MOMENTUM + solver.DOT.DELTA,
+                            weight_decay=solver.WEIGHT_DECAY)
+
+    def forward_context(self, model):
+        if isinstance(model, DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward_and_step(self, losses, optimizer, scaler):
+        if TASK_LOSS not in losses:
+            raise UserError(f"SOLVER.TRAINER {self.solver.TRAINER} needs the task loss "
+                            f"{TASK_LOSS!r} among the method's losses; it returned "
+                            f"{', '.join(losses)}")
+        params = [param for group in optimizer.param_groups for param in group["params"]]
+        distillation = [value for name, value in losses.items() if name != TASK_LOSS]
+        kd_grads, kd_finite = {}, None
+        if distillation:
+            scaler.scale(sum(distillation)).backward(retain_graph=True)
+            average_gradients(params)
+            kd_grads = {param: param.grad for param in params if param.grad is not None}
+            if scaler.is_enabled() and kd_grads:
+                inverse = scaler._get_scale_async().double().reciprocal().float()
+                grads = list(kd_grads.values())
+                torch._foreach_mul_(grads, inverse)
+                kd_finite = torch.stack([grad.sum() for grad in grads]).sum().isfinite()
+            optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses[TASK_LOSS]).backward()
+        average_gradients(params)
+        if kd_finite is not None:
+            # An overflow in the distillation gradient must skip the step too: mark
+            # a task gradient non-finite so that the scaler skips and lowers its scale.
+            grad = next(param.grad for param in params if param.grad is not None)
+            grad.view(-1)[:1].copy_(torch.where(kd_finite, grad.view(-1)[:1],
+                                                torch.full_like(grad.view(-1)[:1], float("inf"))))
+        optimizer.set_distillation_grads(kd_grads)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.set_distillation_grads({})
+
+
+UPDATE_RULES.register("crd_dot", DOTRule)
+
+
+def run_extra_phases(distiller):
+    """Run the method's :meth:`~mdistill.distillers.Distiller.extra_phases` (fp32,
+    gradients averaged over processes), after the student's update."""
+    for phase in distiller.extra_phases():
+        params = [param for group in phase.optimizer.param_groups for param in group["params"]]
+        for _ in range(phase.steps):
+            phase.optimizer.zero_grad(set_to_none=True)
+            phase.loss().backward()
+            average_gradients(params)
+            phase.optimizer.step()
+
+
+def commit_step(distiller):
+    """An accepted step's end: the extra phases, then the method's state commits."""
+    run_extra_phases(distiller)
+    distiller.after_step()
+    distiller.clear_stash()
