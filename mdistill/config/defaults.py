@@ -189,6 +189,20 @@ _C.ADVKD.DISC_OPT.LR = 1e-4
 _C.ADVKD.DISC_OPT.BETAS = (0.5, 0.999)
 _C.ADVKD.DISC_OPT.WEIGHT_DECAY = 0.0
 
+# DIST (Huang et al. 2022): Pearson-correlation relations of the predictions,
+# per sample (inter-class) and per class (intra-class). Defaults: the
+# authors' CIFAR-100 setting (their ImageNet setting is TAU 1).
+_C.DIST = CN()
+# Softmax temperature; the loss is scaled by TAU^2.
+_C.DIST.TAU = 4.0
+# Weight of the inter-class (per-sample) relation term.
+_C.DIST.BETA = 1.0
+# Weight of the intra-class (per-class) relation term.
+_C.DIST.GAMMA = 1.0
+_C.DIST.LOSS = CN()
+_C.DIST.LOSS.CE_WEIGHT = 1.0
+_C.DIST.LOSS.KD_WEIGHT = 2.0
+
 
 def get_cfg():
     """Return a fresh, mutable copy of the defaults."""

@@ -1,0 +1,102 @@
+"""DIST, NKD, CTKD, logit standardization and MLKD against the papers' formulas.
+
+Expected values are computed here in float64 numpy, written from the papers
+and the authors' code independently of the implementation. The models are
+fakes that return fixed logits (times a parameter that is 1, so gradients
+have somewhere to go).
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mdistill.distillers import DISTILLERS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class FixedLogits(nn.Module):
+    """Returns the first ``len(x)`` rows of fixed logits, times a unit parameter."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.register_buffer("logits", torch.as_tensor(np.asarray(logits), dtype=torch.float32))
+
+    def forward(self, x):
+        logits = self.logits[:len(x)] * self.scale
+        return logits, {"feats": [], "preact_feats": [], "pooled_feat": logits}
+
+
+def pair(batch=6, classes=5, seed=0, spread=3.0):
+    rng = np.random.default_rng(seed)
+    student = rng.normal(size=(batch, classes)) * spread
+    teacher = rng.normal(size=(batch, classes)) * spread
+    target = rng.integers(0, classes, size=batch)
+    return student, teacher, target
+
+
+def build(method, student, teacher, **kwargs):
+    return DISTILLERS.get(method)(FixedLogits(student), FixedLogits(teacher), **kwargs)
+
+
+def run(distiller, batch, target, **fields):
+    distiller.train()
+    _, losses = distiller.forward_train(torch.zeros(batch, 3, 4, 4), torch.as_tensor(target),
+                                        **fields)
+    return {name: float(value) for name, value in losses.items()}
+
+
+def np_softmax(z, temperature=1.0):
+    z = np.asarray(z, dtype=np.float64) / temperature
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def np_cross_entropy(logits, target):
+    return float(np.mean([-math.log(np_softmax(row)[t]) for row, t in zip(logits, target)]))
+
+
+def np_kl(p, q):
+    """KL(p || q) of two distributions (rows)."""
+    return float(np.sum(p * (np.log(p) - np.log(q))))
+
+
+def np_kd(student, teacher, temperature):
+    """Hinton's KD: batch mean of KL(teacher || student) at T, times T^2."""
+    return temperature ** 2 * np.mean([np_kl(np_softmax(t, temperature), np_softmax(s, temperature))
+                                       for s, t in zip(student, teacher)])
+
+
+# ---------------------------------------------------------------------- DIST
+
+def np_pearson(x, y):
+    x, y = x - x.mean(), y - y.mean()
+    return float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y)))
+
+
+def test_dist_matches_the_pearson_formula():
+    student, teacher, target = pair(batch=6, classes=5)
+    tau, beta, gamma = 4.0, 1.5, 0.5
+    losses = run(build("DIST", student, teacher, tau=tau, beta=beta, gamma=gamma,
+                       ce_weight=1.0, kd_weight=2.0), 6, target)
+    ps, pt = np_softmax(student, tau), np_softmax(teacher, tau)
+    inter = 1 - np.mean([np_pearson(ps[i], pt[i]) for i in range(6)])
+    intra = 1 - np.mean([np_pearson(ps[:, j], pt[:, j]) for j in range(5)])
+    assert losses["loss_kd"] == pytest.approx(2.0 * tau ** 2 * (beta * inter + gamma * intra),
+                                              rel=1e-5)
+    assert losses["loss_ce"] == pytest.approx(np_cross_entropy(student, target), rel=1e-5)
+
+
+def test_dist_is_zero_for_a_perfect_student_and_positive_otherwise():
+    student, teacher, target = pair()
+    assert run(build("DIST", teacher, teacher), 6, target)["loss_kd"] == pytest.approx(0, abs=1e-4)
+    assert run(build("DIST", student, teacher), 6, target)["loss_kd"] > 0.1
