@@ -1,6 +1,6 @@
 """The Distiller base class: what every method declares to the one trainer."""
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ class Distiller(nn.Module):
     * state that distributed training must not broadcast or reduce:
       :meth:`ddp_ignored_names` (memory banks, the discriminator);
     * a loss warm-up: :meth:`warmup_factor`;
+    * training stages before the distillation itself (RepDistiller's
+      initialisation of FSP, AB and FT): :meth:`stages`; the current one's
+      name is :attr:`stage`;
     * per-step diagnostics: :meth:`pop_diagnostics`.
 
     The step protocol: ``forward_train`` only computes. It takes no optimizer
@@ -75,6 +78,7 @@ class Distiller(nn.Module):
         self._diagnostics = {}
         self._stash = {}
         self.epoch = 0
+        self.stage = "distill"
 
     @classmethod
     def from_config(cls, cfg, student, teacher, data_info=None):
@@ -190,8 +194,24 @@ class Distiller(nn.Module):
         """Called by the trainer when a step ends, taken or skipped."""
         self._stash = {}
 
+    def stages(self, epochs):
+        """The stages of training, in order (see :class:`Stage`).
+
+        Args:
+            epochs: SOLVER.EPOCHS, the length of the distillation stage.
+
+        Returns:
+            By default one stage, ``distill``, over every learnable parameter.
+        """
+        return [Stage("distill", epochs)]
+
+    def on_stage_start(self, name):
+        """Called by the trainer when a stage begins (and on resume inside it)."""
+        self.stage = name
+
     def on_epoch_start(self, epoch):
-        """Called by the trainer before each epoch (1-based), e.g. for warm-ups."""
+        """Called by the trainer before each epoch, with the epoch counted from 1
+        within the current stage, e.g. for warm-ups."""
         self.epoch = epoch
 
     def warmup_factor(self, warmup_epochs):
@@ -243,6 +263,33 @@ class Phase:
     steps: int = 1
 
 
+@dataclass
+class Stage:
+    """A part of training with its own epochs, parameters and losses.
+
+    The trainer runs a method's stages in order (global epochs count over all
+    of them), builds a fresh optimizer of the update rule at each stage's start,
+    tells the distiller the stage's name (``forward_train`` returns that
+    stage's losses), checkpoints the stage (resume works inside any stage),
+    logs it (``train/stage`` in TensorBoard) and keeps "best" for the last stage.
+
+    Args:
+        name: the stage's name ("init", "distill"); the distiller sees it as ``stage``.
+        epochs: its length in epochs.
+        parameters: ``() -> parameters`` the stage trains; None: every learnable one.
+        lr: the stage's base learning rate; None: SOLVER.LR.
+        schedule: follow SOLVER.LR_SCHEDULER over the stage's epochs (False: constant).
+        eval_modules: names of the distiller's submodules kept in eval mode
+            during the stage (RepDistiller's initialisation runs the student so).
+    """
+    name: str
+    epochs: int
+    parameters: Optional[Callable[[], list]] = None
+    lr: Optional[float] = None
+    schedule: bool = True
+    eval_modules: Sequence[str] = ()
+
+
 def kd_loss(student_logits, teacher_logits, temperature):
     """Hinton's KD loss: KL(softmax(t/T) || softmax(s/T)) summed over classes,
     averaged over the batch, times T^2; computed in fp32."""
@@ -250,6 +297,16 @@ def kd_loss(student_logits, teacher_logits, temperature):
     log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
     return kl * temperature ** 2
+
+
+def match_spatial_size(student_feature, teacher_feature):
+    """Average-pool the larger of two ``[B, C, H, W]`` maps to the smaller one's
+    height and width (how mdistiller pairs stages of different resolutions)."""
+    if student_feature.shape[2] > teacher_feature.shape[2]:
+        student_feature = F.adaptive_avg_pool2d(student_feature, teacher_feature.shape[2:])
+    elif teacher_feature.shape[2] > student_feature.shape[2]:
+        teacher_feature = F.adaptive_avg_pool2d(teacher_feature, student_feature.shape[2:])
+    return student_feature, teacher_feature
 
 
 @torch.no_grad()

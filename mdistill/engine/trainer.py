@@ -25,17 +25,27 @@ class TrainingStopped(UserError):
     """The run cannot go on (a non-finite loss); the last good checkpoint is kept."""
 
 
-def build_scheduler(solver, optimizer):
-    """The per-epoch schedule named by SOLVER.LR_SCHEDULER.
+def lr_factor(solver, epoch, epochs, schedule=True):
+    """The learning rate's multiple of its base during ``epoch`` (1-based) of ``epochs``.
 
-    multistep follows mdistiller: during epoch e (1-based) the lr is
-    ``LR * LR_DECAY_RATE ** (number of stages < e)``; the scheduler is stepped
-    once after every epoch.
+    multistep follows mdistiller: ``LR_DECAY_RATE ** (number of LR_DECAY_STAGES
+    < epoch)``; cosine is torch's CosineAnnealingLR stepped once per epoch with
+    ``T_max = epochs``. A pure function of the epoch, so a resumed run follows
+    the config it is resumed with (a longer SOLVER.EPOCHS stretches the cosine
+    from the epoch it resumes at). ``schedule`` False: constant.
     """
+    if not schedule:
+        return 1.0
     if solver.LR_SCHEDULER == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=solver.EPOCHS)
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(solver.LR_DECAY_STAGES),
-                                                gamma=solver.LR_DECAY_RATE)
+        return (1 + math.cos(math.pi * (epoch - 1) / max(epochs, 1))) / 2
+    return solver.LR_DECAY_RATE ** sum(epoch > stage for stage in solver.LR_DECAY_STAGES)
+
+
+def set_base_lr(optimizer, lr=None):
+    """Record each group's base learning rate (``lr``, or the group's own)."""
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"] if lr is None else lr
+        group["lr"] = group["base_lr"]
 
 
 def rng_state():
@@ -120,11 +130,15 @@ class Trainer:
             self.distiller.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
                 self.distiller.student)
         self.update_rule = UPDATE_RULES.get(cfg.SOLVER.TRAINER)(cfg.SOLVER)
-        self.optimizer = self.update_rule.build_optimizer(self.distiller.get_learnable_parameters())
-        self.scheduler = build_scheduler(cfg.SOLVER, self.optimizer)
+        # The method's stages (one "distill" stage for most): each has its own epochs,
+        # parameters and optimizer; epochs are counted over all stages.
+        self.stages = self.distiller.stages(cfg.SOLVER.EPOCHS)
+        self.total_epochs = sum(stage.epochs for stage in self.stages)
+        self.stage_index = None
+        self.enter_stage(0)
         self.aux_optimizers = self.distiller.auxiliary_optimizers()
-        self.aux_schedulers = {name: build_scheduler(cfg.SOLVER, optimizer)
-                               for name, optimizer in self.aux_optimizers.items()}
+        for optimizer in self.aux_optimizers.values():
+            set_base_lr(optimizer)
         self.amp_dtype = AMP_DTYPES[cfg.SOLVER.AMP]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.SOLVER.AMP == "fp16")
         if cfg.SOLVER.COMPILE:
@@ -168,10 +182,9 @@ class Trainer:
             "epoch_complete": epoch_complete,
             "global_step": self.global_step,
             "model": self.distiller.state_dict_to_save(),
+            "stage": self.stage_index,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "aux_optimizers": {name: opt.state_dict() for name, opt in self.aux_optimizers.items()},
-            "aux_schedulers": {name: s.state_dict() for name, s in self.aux_schedulers.items()},
             "scaler": self.scaler.state_dict(),
             "best_acc": self.best_acc,
             "history": list(self.history),
@@ -185,11 +198,11 @@ class Trainer:
     def load_state_dict(self, state):
         """Restore a checkpoint written by :meth:`state_dict`."""
         self.distiller.load_saved_state(state["model"])
+        # The optimizer saved belongs to the stage the run was in.
+        self.enter_stage(state.get("stage", 0))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         for name, optimizer in self.aux_optimizers.items():
             optimizer.load_state_dict(state["aux_optimizers"][name])
-            self.aux_schedulers[name].load_state_dict(state["aux_schedulers"][name])
         self.scaler.load_state_dict(state["scaler"])
         self.best_acc = state["best_acc"]
         self.history = list(state["history"])
@@ -218,7 +231,8 @@ class Trainer:
         student = {"model": self.distiller.student.state_dict(), "epoch": self.epoch,
                    "test_acc": test["top1"] if test else None}
         save_checkpoint(student, os.path.join(self.run_dir, "student_latest"))
-        if test is not None and test["top1"] >= self.best_acc:
+        final_stage = self.stage_index == len(self.stages) - 1
+        if test is not None and final_stage and test["top1"] >= self.best_acc:
             save_checkpoint(state, os.path.join(self.run_dir, "best"))
             save_checkpoint(student, os.path.join(self.run_dir, "student_best"))
         if self.epoch % self.cfg.LOG.SAVE_CHECKPOINT_FREQ == 0:
@@ -248,7 +262,7 @@ class Trainer:
     def train(self):
         """Run the remaining epochs; returns the per-epoch history."""
         with self.stop_on_signals():
-            while self.epoch <= self.cfg.SOLVER.EPOCHS:
+            while self.epoch <= self.total_epochs:
                 if not self.train_epoch():
                     return None
                 self.epoch += 1
@@ -256,11 +270,46 @@ class Trainer:
             self.write_hparams()
         return self.history
 
+    # ---------------------------------------------------------------- stages
+    def stage_at(self, epoch):
+        """``(stage index, epoch within the stage)`` of a global 1-based epoch."""
+        start = 0
+        for index, stage in enumerate(self.stages):
+            if epoch <= start + stage.epochs or index == len(self.stages) - 1:
+                return index, epoch - start
+            start += stage.epochs
+
+    def enter_stage(self, index):
+        """Make stage ``index`` current: a fresh optimizer over its parameters."""
+        if index == self.stage_index:
+            return
+        stage = self.stages[index]
+        params = (stage.parameters() if stage.parameters is not None
+                  else self.distiller.get_learnable_parameters())
+        self.optimizer = self.update_rule.build_optimizer(params)
+        set_base_lr(self.optimizer, stage.lr)
+        self.stage_index = index
+        self.distiller.on_stage_start(stage.name)
+
+    def start_epoch(self, epoch):
+        """Stage, modes and learning rates for ``epoch``; returns the stage."""
+        index, local_epoch = self.stage_at(epoch)
+        self.enter_stage(index)
+        stage = self.stages[index]
+        self.distiller.train()
+        for name in stage.eval_modules:
+            getattr(self.distiller, name).eval()
+        self.distiller.on_epoch_start(local_epoch)
+        factor = lr_factor(self.cfg.SOLVER, local_epoch, stage.epochs, stage.schedule)
+        for optimizer in [self.optimizer, *self.aux_optimizers.values()]:
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+        return stage
+
     def train_epoch(self):
         """Train one epoch, evaluate and checkpoint. False when stopped by a signal."""
         epoch, cfg = self.epoch, self.cfg
-        self.distiller.train()
-        self.distiller.on_epoch_start(epoch)
+        stage = self.start_epoch(epoch)
         if not self.mid_epoch:
             self.train_loader.set_epoch(epoch)
             self.meter = EpochMeter()
@@ -270,7 +319,7 @@ class Trainer:
         if self.main and sys.stderr.isatty():
             from tqdm import tqdm
             bar = tqdm(total=len(self.train_loader), initial=self.meter.steps,
-                       desc=f"epoch {epoch}/{cfg.SOLVER.EPOCHS}", leave=False,
+                       desc=f"epoch {epoch}/{self.total_epochs}", leave=False,
                        dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
         start, images = time.perf_counter(), 0
         if self.device.type == "cuda":
@@ -299,11 +348,9 @@ class Trainer:
         train = self.meter.means()
         self.distiller.eval()
         test = evaluate(self.distiller.forward_test, self.test_loader, self.device, self.autocast)
-        self.scheduler.step()
-        for scheduler in self.aux_schedulers.values():
-            scheduler.step()
-        self.best_acc = max(self.best_acc, test["top1"])
-        record = {"epoch": epoch, "lr": lr, "train": train, "test": test,
+        if self.stage_index == len(self.stages) - 1:    # "best" among the final stage's epochs
+            self.best_acc = max(self.best_acc, test["top1"])
+        record = {"epoch": epoch, "stage": stage.name, "lr": lr, "train": train, "test": test,
                   "best_top1": self.best_acc, "epoch_time": elapsed,
                   "images_per_sec": images * max(1, get_world_size()) / max(elapsed, 1e-9),
                   "peak_memory_mb": peak_memory_mb(self.device)}
@@ -380,7 +427,8 @@ class Trainer:
     # --------------------------------------------------------------- logging
     def log_epoch(self, record):
         train, test = record["train"], record["test"]
-        self.log(f"epoch {record['epoch']}/{self.cfg.SOLVER.EPOCHS} | lr {record['lr']:.4g} | "
+        stage = f" ({record['stage']})" if len(self.stages) > 1 else ""
+        self.log(f"epoch {record['epoch']}/{self.total_epochs}{stage} | lr {record['lr']:.4g} | "
                  f"train loss {train.get('loss', float('nan')):.4f} top1 {train['top1']:.2f} | "
                  f"test top1 {test['top1']:.2f} top5 {test['top5']:.2f} loss {test['loss']:.4f} | "
                  f"best {record['best_top1']:.2f} | {record['epoch_time']:.1f}s "
@@ -398,6 +446,7 @@ class Trainer:
             self.writer.add_scalar(f"test/{name}", test[name], step)
         self.writer.add_scalar("test/best_top1", record["best_top1"], step)
         self.writer.add_scalar("train/epoch", record["epoch"], step)
+        self.writer.add_scalar("train/stage", self.stage_index, step)
         self.writer.add_scalar("perf/images_per_sec", record["images_per_sec"], step)
         self.writer.add_scalar("perf/epoch_time", record["epoch_time"], step)
         self.writer.add_scalar("perf/peak_memory_mb", record["peak_memory_mb"], step)
