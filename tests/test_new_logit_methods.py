@@ -100,3 +100,34 @@ def test_dist_is_zero_for_a_perfect_student_and_positive_otherwise():
     student, teacher, target = pair()
     assert run(build("DIST", teacher, teacher), 6, target)["loss_kd"] == pytest.approx(0, abs=1e-4)
     assert run(build("DIST", student, teacher), 6, target)["loss_kd"] > 0.1
+
+
+# ----------------------------------------------------------------------- NKD
+
+def test_nkd_matches_the_normalized_loss():
+    student, teacher, target = pair(batch=6, classes=5, seed=1)
+    temperature, gamma = 3.0, 3.5
+    losses = run(build("NKD", student, teacher, temperature=temperature, gamma=gamma,
+                       ce_weight=1.0, kd_weight=1.0), 6, target)
+    target_term = -np.mean([np_softmax(t)[y] * math.log(np_softmax(s)[y])
+                            for s, t, y in zip(student, teacher, target)])
+    non_target = 0.0
+    for s, t, y in zip(student, teacher, target):
+        keep = [j for j in range(5) if j != y]
+        q_s, q_t = np_softmax(s[keep], temperature), np_softmax(t[keep], temperature)
+        non_target += -np.sum(q_t * np.log(q_s)) / 6
+    assert losses["loss_target"] == pytest.approx(target_term, rel=1e-5)
+    assert losses["loss_non_target"] == pytest.approx(gamma * temperature ** 2 * non_target,
+                                                      rel=1e-5)
+    assert losses["loss_ce"] == pytest.approx(np_cross_entropy(student, target), rel=1e-5)
+
+
+def test_nkd_non_target_term_ignores_the_target_logit():
+    """Moving only the target logit leaves the non-target term alone (it is renormalised)."""
+    student, teacher, target = pair(batch=4, classes=6, seed=2)
+    moved = student.copy()
+    moved[np.arange(4), target] += 5.0
+    first = run(build("NKD", student, teacher), 4, target)
+    second = run(build("NKD", moved, teacher), 4, target)
+    assert first["loss_non_target"] == pytest.approx(second["loss_non_target"], rel=1e-6)
+    assert first["loss_target"] != pytest.approx(second["loss_target"], rel=1e-3)

@@ -203,6 +203,18 @@ _C.DIST.LOSS = CN()
 _C.DIST.LOSS.CE_WEIGHT = 1.0
 _C.DIST.LOSS.KD_WEIGHT = 2.0
 
+# NKD (Yang et al. 2023): the teacher's target probability as a soft target,
+# plus the renormalised non-target distributions. Defaults: the authors' nkd.py.
+_C.NKD = CN()
+# Temperature of the non-target term (scaled by TEMPERATURE^2).
+_C.NKD.TEMPERATURE = 1.0
+# Weight of the non-target term.
+_C.NKD.GAMMA = 1.5
+_C.NKD.LOSS = CN()
+_C.NKD.LOSS.CE_WEIGHT = 1.0
+# Multiplies both NKD terms (the authors add them unweighted).
+_C.NKD.LOSS.KD_WEIGHT = 1.0
+
 
 def get_cfg():
     """Return a fresh, mutable copy of the defaults."""
