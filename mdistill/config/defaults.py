@@ -189,6 +189,44 @@ _C.ADVKD.DISC_OPT.LR = 1e-4
 _C.ADVKD.DISC_OPT.BETAS = (0.5, 0.999)
 _C.ADVKD.DISC_OPT.WEIGHT_DECAY = 0.0
 
+# Neuron selectivity transfer (Huang & Wang 2017): polynomial-kernel MMD per stage.
+_C.NST = CN()
+_C.NST.LOSS = CN()
+_C.NST.LOSS.CE_WEIGHT = 1.0
+_C.NST.LOSS.FEAT_WEIGHT = 50.0
+
+# Probabilistic knowledge transfer (Passalis & Tefas 2018) on pooled features.
+_C.PKT = CN()
+_C.PKT.LOSS = CN()
+_C.PKT.LOSS.CE_WEIGHT = 1.0
+_C.PKT.LOSS.FEAT_WEIGHT = 30000.0
+
+# Similarity-preserving KD (Tung & Mori 2019) on the last feature map.
+_C.SP = CN()
+_C.SP.LOSS = CN()
+_C.SP.LOSS.CE_WEIGHT = 1.0
+_C.SP.LOSS.FEAT_WEIGHT = 3000.0
+
+# SVD-based self-supervised KD (Lee et al. 2018).
+_C.KDSVD = CN()
+# Singular vectors of the teacher transferred per stage.
+_C.KDSVD.K = 1
+_C.KDSVD.LOSS = CN()
+_C.KDSVD.LOSS.CE_WEIGHT = 1.0
+_C.KDSVD.LOSS.FEAT_WEIGHT = 1.0
+
+# Variational information distillation (Ahn et al. 2019).
+_C.VID = CN()
+_C.VID.LOSS = CN()
+_C.VID.LOSS.CE_WEIGHT = 1.0
+_C.VID.LOSS.FEAT_WEIGHT = 1.0
+# Floor added to the learned per-channel variances.
+_C.VID.EPS = 1e-5
+# The variances' initial value.
+_C.VID.INIT_PRED_VAR = 5.0
+# Kept for mdistiller's YAML files; shapes are probed from the models.
+_C.VID.INPUT_SIZE = (32, 32)
+
 # DIST (Huang et al. 2022): Pearson-correlation relations of the predictions,
 # per sample (inter-class) and per class (intra-class). Defaults: the
 # authors' CIFAR-100 setting (their ImageNet setting is TAU 1).

@@ -1,0 +1,120 @@
+"""KDSVD: Lee, Kim & Song, "Self-supervised Knowledge Distillation Using Singular
+Value Decomposition" (ECCV 2018)."""
+import torch
+import torch.nn.functional as F
+
+from ..registry import DISTILLERS
+from .base import Distiller, match_spatial_size
+
+
+def _finite(tensor):
+    return torch.where(torch.isfinite(tensor), tensor, torch.zeros_like(tensor))
+
+
+def top_singular(feature, count):
+    """The top ``count`` right singular vectors and L2-normalised singular values.
+
+    As mdistiller, a ``[B, C, H, W]`` map is read as ``B`` matrices of shape
+    ``[C*H, W]`` (its memory layout), so the right singular vectors live in the
+    width dimension.
+
+    Returns:
+        ``(vectors [B, W, count], values [B, count])``, non-finite entries zeroed.
+    """
+    batch, channels, height, width = feature.shape
+    matrices = feature.reshape(batch, channels * height, width)
+    # At least fp32 (SVD has no half-precision kernels); float64 stays float64.
+    matrices = matrices.to(torch.promote_types(matrices.dtype, torch.float32))
+    _, values, vectors_h = torch.linalg.svd(matrices, full_matrices=False)
+    vectors = _finite(vectors_h.transpose(1, 2))[:, :, :count]
+    values = _finite(values)[:, :count]
+    return F.normalize(vectors, dim=1), F.normalize(values, dim=1)
+
+
+def align_to_teacher(student_vectors, teacher_vectors):
+    """For each teacher vector, the student vector of largest ``|cosine|``, signed
+    so that the cosine is positive.
+
+    Args:
+        student_vectors: ``[B, W, Ks]`` candidates.
+        teacher_vectors: ``[B, W, Kt]``.
+
+    Returns:
+        ``[B, W, Kt]``.
+    """
+    cosine = student_vectors.transpose(1, 2) @ teacher_vectors            # [B, Ks, Kt]
+    largest = cosine.abs().amax(dim=1, keepdim=True)
+    pick = torch.where(cosine.abs() == largest, torch.sign(cosine), torch.zeros_like(cosine))
+    return student_vectors @ pick
+
+
+def _radial_basis(vectors, previous):
+    """``exp(-(v_i - u_j)^2 / 8)`` for every pair of rows of two stages: ``[B, W, W', K]``."""
+    return torch.exp(-(vectors.unsqueeze(2) - previous.unsqueeze(1)).pow(2) / 8)
+
+
+def kdsvd_loss(student_features, teacher_features, k=1):
+    """The SVD distillation loss over a sequence of stages, in fp32 (or float64).
+
+    Per stage the teacher's top ``k`` right singular vectors and the
+    student's top ``k + 3`` (aligned to the teacher's) are scaled by the
+    teacher's normalised singular values; between consecutive stages, a
+    radial-basis kernel relates the two stages' vectors, and the squared
+    difference of the student's and the teacher's kernels is summed
+    (non-finite entries dropped) and divided by the batch size. When a pair of
+    maps differ in size, the larger one is average-pooled to the other's first.
+
+    Args:
+        student_features, teacher_features: lists of ``[B, C, H, W]`` maps, paired in order.
+        k: how many singular vectors of the teacher to transfer.
+
+    Returns:
+        A scalar tensor; no gradient reaches the teacher.
+    """
+    loss = torch.zeros((), device=student_features[0].device)
+    previous = None
+    for student_feature, teacher_feature in zip(student_features, teacher_features):
+        student_feature, teacher_feature = match_spatial_size(student_feature,
+                                                              teacher_feature.detach())
+        teacher_vectors, teacher_values = top_singular(teacher_feature, k)
+        student_vectors, _ = top_singular(student_feature, k + 3)
+        student_vectors = align_to_teacher(student_vectors, teacher_vectors)
+        scale = teacher_values.unsqueeze(1)
+        current = (student_vectors * scale, teacher_vectors * scale)
+        if previous is not None:
+            difference = (_radial_basis(current[0], previous[0])
+                          - _radial_basis(current[1], previous[1])).pow(2)
+            loss = loss + _finite(difference).sum()
+        previous = current
+    return loss / student_features[0].shape[0]
+
+
+@DISTILLERS.register("KDSVD")
+class KDSVD(Distiller):
+    """Cross-entropy plus SVD-based distillation of every stage (``feats[1:]``).
+
+    Args:
+        student, teacher: the models.
+        k: singular vectors of the teacher transferred per stage.
+        ce_weight, feat_weight: weights of the two terms.
+    """
+
+    def __init__(self, student, teacher, k=1, ce_weight=1.0, feat_weight=1.0):
+        super().__init__(student, teacher)
+        self.k = k
+        self.ce_weight = ce_weight
+        self.feat_weight = feat_weight
+
+    @classmethod
+    def from_config(cls, cfg, student, teacher, data_info=None):
+        return cls(student, teacher, k=cfg.KDSVD.K, ce_weight=cfg.KDSVD.LOSS.CE_WEIGHT,
+                   feat_weight=cfg.KDSVD.LOSS.FEAT_WEIGHT)
+
+    def forward_train(self, image, target, **batch):
+        logits, feats = self.student(image)
+        _, teacher_feats = self.teacher_forward(image)
+        # fp32: SVD has no half-precision kernels.
+        with torch.autocast(image.device.type, enabled=False):
+            transfer = kdsvd_loss(feats["feats"][1:], teacher_feats["feats"][1:], self.k)
+        return logits, {"loss_ce": self.ce_weight * F.cross_entropy(logits.float(), target),
+                        "loss_feat": self.feat_weight * transfer}
