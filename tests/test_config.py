@@ -112,3 +112,14 @@ def test_default_run_name_and_config_differences():
         "kd,resnet32x4,resnet8x4,seed3,LR=0.1"
     other = load_cfg(None, ["DISTILLER.TYPE", "KD", "SOLVER.EPOCHS", "5", "SOLVER.LR", "0.2"])
     assert config_differences(load_cfg(None, ["DISTILLER.TYPE", "KD"]), other) == ["SOLVER.LR"]
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 parses "1e-4" as a string; users write learning rates so.
+    cfg = load_cfg(None, ["SOLVER.LR", "1e-4", "SOLVER.WEIGHT_DECAY", "5E-4"])
+    assert cfg.SOLVER.LR == 1e-4 and cfg.SOLVER.WEIGHT_DECAY == 5e-4
+    path = tmp_path / "lr.yaml"
+    path.write_text("SOLVER:\n  LR: 2e-3\n")
+    assert load_cfg(str(path)).SOLVER.LR == 2e-3
+    with pytest.raises(UserError, match="SOLVER.LR must be a number"):
+        load_cfg(None, ["SOLVER.LR", "fast"])

@@ -57,6 +57,12 @@ def _coerce(key, default, value):
             return value
         raise wrong
     if isinstance(default, (int, float)):
+        if isinstance(value, str):
+            # YAML 1.1 reads exponents without a dot ("1e-4") as strings.
+            try:
+                value = float(value)
+            except ValueError:
+                raise wrong from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong
         if isinstance(default, int) and not float(value).is_integer():
