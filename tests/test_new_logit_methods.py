@@ -131,3 +131,48 @@ def test_nkd_non_target_term_ignores_the_target_logit():
     second = run(build("NKD", moved, teacher), 4, target)
     assert first["loss_non_target"] == pytest.approx(second["loss_non_target"], rel=1e-6)
     assert first["loss_target"] != pytest.approx(second["loss_target"], rel=1e-3)
+
+
+# ---------------------------------------------------------------------- CTKD
+
+def np_sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_ctkd_loss_uses_the_learned_temperature():
+    student, teacher, target = pair(seed=3)
+    distiller = build("CTKD", student, teacher)
+    distiller.on_epoch_start(4)
+    losses = run(distiller, 6, target)
+    temperature = 1 + 20 * np_sigmoid(1.0)          # theta starts at 1
+    assert losses["loss_kd"] == pytest.approx(0.9 * np_kd(student, teacher, temperature), rel=1e-5)
+    assert losses["loss_ce"] == pytest.approx(0.1 * np_cross_entropy(student, target), rel=1e-5)
+
+
+@pytest.mark.parametrize("epoch", [0, 1, 3, 10, 25])
+def test_ctkd_temperature_gradient_is_reversed_and_scaled_by_the_curriculum(epoch):
+    student, teacher, target = pair(seed=4)
+    distiller = build("CTKD", student, teacher)
+    distiller.on_epoch_start(epoch)
+    distiller.train()
+    _, losses = distiller.forward_train(torch.zeros(6, 3, 4, 4), torch.as_tensor(target))
+    losses["loss_kd"].backward()
+
+    def loss_at(theta):                             # float64, no reversal
+        return 0.9 * np_kd(student, teacher, 1 + 20 * np_sigmoid(theta))
+    step = 1e-5
+    descent = (loss_at(1 + step) - loss_at(1 - step)) / (2 * step)
+    # The authors' CosineDecay(max 0, min -1, 10 loops), applied as the reversal's factor.
+    lam = (math.cos(min(epoch, 10) * math.pi / 10) + 1) / 2 * (0 - (-1)) + (-1)
+    assert abs(descent) > 1e-3
+    assert float(distiller.temperature.theta.grad) == pytest.approx(lam * descent, rel=1e-3,
+                                                                    abs=1e-9)
+    # The student's gradient is not reversed: the KD loss falls along -grad.
+    assert float(distiller.student.scale.grad) != 0
+
+
+def test_ctkd_temperature_is_trained_and_checkpointed_with_the_student():
+    distiller = build("CTKD", *pair()[:2])
+    params = {id(p) for p in distiller.get_learnable_parameters()}
+    assert id(distiller.temperature.theta) in params
+    assert "temperature.theta" in distiller.state_dict_to_save()

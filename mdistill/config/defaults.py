@@ -253,6 +253,19 @@ _C.NKD.LOSS.CE_WEIGHT = 1.0
 # Multiplies both NKD terms (the authors add them unweighted).
 _C.NKD.LOSS.KD_WEIGHT = 1.0
 
+# CTKD (Li et al. 2023): KD at a learnable global temperature
+# T = T_START + T_END * sigmoid(theta), trained through a gradient-reversal
+# layer whose strength rises by cosine from 0 to MAX_LAMBDA over the first
+# LAMBDA_EPOCHS epochs. Defaults: the authors' CIFAR-100 script.
+_C.CTKD = CN()
+_C.CTKD.T_START = 1.0
+_C.CTKD.T_END = 20.0
+_C.CTKD.MAX_LAMBDA = 1.0
+_C.CTKD.LAMBDA_EPOCHS = 10
+_C.CTKD.LOSS = CN()
+_C.CTKD.LOSS.CE_WEIGHT = 0.1
+_C.CTKD.LOSS.KD_WEIGHT = 0.9
+
 
 def get_cfg():
     """Return a fresh, mutable copy of the defaults."""
