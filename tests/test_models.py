@@ -76,11 +76,22 @@ def test_every_reference_name_is_registered():
     assert model_names("digits") == model_names("synthetic") == CIFAR
 
 
-def test_unknown_names_list_the_closest_first():
-    with pytest.raises(UserError, match=r"unknown CIFAR model 'resnet8x3'; valid: resnet8x4, "):
+def test_unknown_names_suggest_the_closest_and_list_every_valid_name_sorted():
+    with pytest.raises(UserError) as error:
         build_model("resnet8x3", 100)
-    with pytest.raises(UserError, match=r"unknown ImageNet model 'resnet18'; valid: ResNet18, "):
+    assert str(error.value) == (f"unknown CIFAR model 'resnet8x3'; did you mean resnet8x4? "
+                                f"valid: {', '.join(sorted(CIFAR))}")
+    with pytest.raises(UserError) as error:
         build_model("resnet18", 1000, dataset="imagenet")
+    assert str(error.value).startswith("unknown ImageNet model 'resnet18'; did you mean ResNet18? "
+                                       "valid: ")
+    assert str(error.value).endswith(f"valid: {', '.join(sorted(IMAGENET))}")
+    from mdistill.registry import Registry
+    registry = Registry("thing")
+    for name in ("zeta", "Beta", "alpha"):
+        registry.register(name, object())
+    with pytest.raises(UserError, match=r"^unknown thing 'q'; valid: Beta, alpha, zeta$"):
+        registry.get("q")
 
 
 def test_dataset_picks_the_family():
@@ -106,14 +117,14 @@ def test_cifar_forward_contract(name):
 
 
 @pytest.mark.parametrize("name", [name for name in CIFAR if name.lower().startswith(
-    ("resnet", "vgg", "shufflev1"))])
+    ("resnet", "vgg", "shufflev"))])
 def test_post_relu_families_feats_are_relu_of_preact(name):
     logits, feats = _forward(build_model(name, 100).eval(), torch.randn(2, 3, 32, 32))
-    assert feats["feats"][0] is feats["preact_feats"][0]
     for feat, preact in zip(feats["feats"], feats["preact_feats"]):
         assert torch.equal(feat, F.relu(preact))
-    assert all((preact < 0).any() for preact in feats["preact_feats"][1:])
-    assert _close(feats["pooled_feat"], feats["feats"][-1].mean((2, 3)))
+    assert all((preact < 0).any() for preact in feats["preact_feats"])
+    if name != "ShuffleV2":     # which pools its 1x1 head conv's output instead
+        assert _close(feats["pooled_feat"], feats["feats"][-1].mean((2, 3)))
 
 
 @pytest.mark.parametrize("name", ["wrn_16_1", "wrn_40_2"])
@@ -126,14 +137,58 @@ def test_wrn_feats_are_raw_outputs_and_preacts_the_next_bn(name):
         assert _close(preacts[1], model.block2.layer[0].bn1(maps[1]))
         assert _close(preacts[2], model.block3.layer[0].bn1(maps[2]))
         assert _close(preacts[3], model.bn1(maps[3]))
-    assert preacts[0] is maps[0]
+        assert _close(preacts[0], model.block1.layer[0].bn1(maps[0]))
     assert _close(feats["pooled_feat"], F.relu(preacts[3]).mean((2, 3)))
 
 
-def test_shufflenet_v2_preacts_are_unshuffled_as_in_mdistiller():
-    logits, feats = _forward(build_model("ShuffleV2", 100).eval(), torch.randn(2, 3, 32, 32))
-    for feat, preact in zip(feats["feats"][1:], feats["preact_feats"][1:]):
-        assert torch.equal(feat, channel_shuffle(F.relu(preact), 2))
+def _bn_shift_moves(model, images, index, record):
+    """Set the record's BN to output its shift alone; True when moving that shift
+    by -3 moves exactly the record's channels of preact_feats[index] by -3."""
+    bn = record.bn
+    saved = bn.weight.detach().clone(), bn.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bn.weight.zero_()
+            bn.bias.zero_()
+            before = model(images)[1]["preact_feats"][index]
+            bn.bias.fill_(-3.0)
+            after = model(images)[1]["preact_feats"][index]
+    finally:
+        with torch.no_grad():
+            bn.weight.copy_(saved[0])
+            bn.bias.copy_(saved[1])
+    moved = torch.zeros(before.shape[1], dtype=torch.bool)
+    moved[record.channels] = True
+    change = after - before
+    tolerance = 1e-5 * before.abs().max() + 1e-5     # the residual's rounding
+    return bool(moved.any() and ((change[:, moved] + 3).abs() <= tolerance).all()
+                and (change[:, ~moved] == 0).all())
+
+
+@pytest.mark.parametrize("dataset,name", [("cifar100", name) for name in CIFAR]
+                         + [("imagenet", name) for name in IMAGENET])
+def test_bn_before_relu_is_the_last_layer_before_each_preact(dataset, name):
+    """OFD's margins come from these BNs: each one's output must reach its map
+    (its channels) with nothing but a residual added, and no ReLU between."""
+    model = build_model(name, 10, dataset=dataset).eval()
+    images = torch.randn(2, 3, *((32, 32) if dataset == "cifar100" else (64, 64)))
+    records = model.bn_before_relu()
+    _, feats = _forward(model, images)
+    assert len(records) == len(feats["preact_feats"])
+    for index, record in enumerate(records):
+        assert isinstance(record.bn, torch.nn.BatchNorm2d)
+        assert _bn_shift_moves(model, images, index, record), index
+
+
+def test_shufflenet_v2_preacts_hold_mdistillers_values_in_the_output_order():
+    model = build_model("ShuffleV2", 100).eval()
+    unit, x = model.layer3[-1], F.relu(torch.randn(2, 464, 4, 4))  # a unit's input is post-ReLU
+    with torch.no_grad():
+        out, preact = unit(x)
+        branch = unit.bn3(unit.conv3(unit.bn2(unit.conv2(F.relu(unit.bn1(unit.conv1(x[:, 232:])))))))
+    # mdistiller's preact is cat([kept, branch]); ours is shuffled like the output.
+    assert _close(preact, channel_shuffle(torch.cat([x[:, :232], branch], 1), 2))
+    assert torch.equal(out, F.relu(preact))
 
 
 def test_wrn_blocks_follow_mdistiller():
@@ -188,7 +243,8 @@ def test_shufflenet_units_follow_the_papers():
 def test_mobilenet_v2_features_are_linear_bottlenecks():
     model = build_model("MobileNetV2", 100).eval()
     logits, feats = _forward(model, torch.randn(2, 3, 32, 32))
-    assert all(a is b for a, b in zip(feats["feats"], feats["preact_feats"]))
+    assert all(a is b for a, b in zip(feats["feats"][1:], feats["preact_feats"][1:]))
+    assert torch.equal(feats["feats"][0], F.relu(feats["preact_feats"][0]))
     assert (feats["feats"][0] >= 0).all() and all((f < 0).any() for f in feats["feats"][1:])
 
 

@@ -1,5 +1,8 @@
 """Small pieces the model families share: weight initialisation, pooling,
-channel shuffling and the feature dict every ``forward`` returns."""
+channel shuffling, the feature dict every ``forward`` returns and the record
+of the BatchNorm before each pre-activation."""
+from typing import NamedTuple
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -72,3 +75,21 @@ def feature_dict(feats, preact_feats, pooled_feat):
         pooled_feat: the [N, C] vector the classifier reads.
     """
     return {"feats": feats, "preact_feats": preact_feats, "pooled_feat": pooled_feat}
+
+
+class BNBeforeReLU(NamedTuple):
+    """The BatchNorm whose output makes (some channels of) a pre-activation map.
+
+    Every model's ``bn_before_relu()`` returns one per map of ``preact_feats``
+    (mdistiller's ``get_bn_before_relu`` lists the modules only, for the stages
+    its OFD can use). In a residual block the map is this BN's output plus the
+    shortcut; elsewhere it is the BN's output itself.
+
+    Args:
+        bn: the ``nn.BatchNorm2d``.
+        channels: the positions its outputs take in the map (all of them, in
+            order, by default). The map's other channels come from an earlier
+            ReLU unchanged (ShuffleNet V2's kept half), so they are never negative.
+    """
+    bn: nn.BatchNorm2d
+    channels: slice = slice(None)

@@ -6,14 +6,16 @@ mdistiller's ``mobile_half`` (expansion 6, width 0.5), with its parameter names.
     1: blocks[1], 12 x 16 x 16;  2: blocks[2], 16 x 8 x 8
     3: blocks[4], 48 x 4 x 4;    4: blocks[6], 160 x 2 x 2
 Maps 1-4 are linear-bottleneck outputs with no ReLU after them, so
-``preact_feats`` holds the same tensors. ``pooled_feat`` is the pooled output of
-the 1x1 head conv (1280 wide).
+``preact_feats`` holds the same tensors there (and the stem's BN output first).
+``bn_before_relu()`` gives the stem's BN, then the projection BN of each
+feature stage's last block (as mdistiller's ``get_bn_before_relu``).
+``pooled_feat`` is the pooled output of the 1x1 head conv (1280 wide).
 """
 from torch import nn
 import torch.nn.functional as F
 
 from ...registry import CIFAR_MODELS
-from ..common import feature_dict, global_pool, init_conv_bn, init_linear
+from ..common import BNBeforeReLU, feature_dict, global_pool, init_conv_bn, init_linear
 
 # (expansion or None for the model's, base width, blocks, first stride) per stage.
 STAGES = ((1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2),
@@ -77,14 +79,20 @@ class MobileNetV2(nn.Module):
         init_linear(self, std=0.01)
 
     def forward(self, x):
-        out = self.conv1(x)
+        stem_preact = self.conv1[1](self.conv1[0](x))
+        out = F.relu(stem_preact)
         feats = [out]
         for index, stage in enumerate(self.blocks):
             out = stage(out)
             if index in FEATURE_STAGES:
                 feats.append(out)
         pooled = global_pool(self.conv2(out))
-        return self.classifier(pooled), feature_dict(feats, list(feats), pooled)
+        return self.classifier(pooled), feature_dict(feats, [stem_preact] + feats[1:], pooled)
+
+    def bn_before_relu(self):
+        """One :class:`BNBeforeReLU` per map of ``preact_feats``."""
+        return [BNBeforeReLU(self.conv1[1])] + [BNBeforeReLU(self.blocks[index][-1].conv[-1])
+                                                for index in FEATURE_STAGES]
 
 
 @CIFAR_MODELS.register("MobileNetV2")

@@ -6,13 +6,15 @@ resnet8 ... resnet110 have widths (16, 16, 32, 64); resnet8x4 and resnet32x4
 ``feats`` for a 32x32 input (``W`` = the widths):
     0: stem conv-BN-ReLU, W[0] x 32 x 32
     1: layer1, W[1] x 32 x 32;  2: layer2, W[2] x 16 x 16;  3: layer3, W[3] x 8 x 8
-all post-ReLU; ``preact_feats`` 1-3 are the last residual sums before that ReLU.
+all post-ReLU; ``preact_feats`` are the same maps before that ReLU (the stem's
+BN output, then each stage's last residual sum). ``bn_before_relu()`` gives the
+BN behind each: the stem's ``bn1``, then each stage's last ``bn2``.
 """
 from torch import nn
 import torch.nn.functional as F
 
 from ...registry import CIFAR_MODELS
-from ..common import feature_dict, global_pool, init_conv_bn
+from ..common import BNBeforeReLU, feature_dict, global_pool, init_conv_bn
 
 
 class BasicBlock(nn.Module):
@@ -77,13 +79,19 @@ class CifarResNet(nn.Module):
         init_conv_bn(self)
 
     def forward(self, x):
-        stem = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        pre0 = self.bn1(self.conv1(x))
+        stem = F.relu(pre0)
         out1, pre1 = self.layer1(stem)
         out2, pre2 = self.layer2(out1)
         out3, pre3 = self.layer3(out2)
         pooled = global_pool(out3)
         return self.fc(pooled), feature_dict([stem, out1, out2, out3],
-                                             [stem, pre1, pre2, pre3], pooled)
+                                             [pre0, pre1, pre2, pre3], pooled)
+
+    def bn_before_relu(self):
+        """One :class:`BNBeforeReLU` per map of ``preact_feats``."""
+        return [BNBeforeReLU(self.bn1)] + [BNBeforeReLU(stage[-1].bn2)
+                                           for stage in (self.layer1, self.layer2, self.layer3)]
 
 
 def _register(name, depth, widths):

@@ -6,13 +6,16 @@ in mdistiller (``shortcut``, ``linear``), so its ResNet50 teacher loads.
     0: stem conv-BN-ReLU, 64 x 32 x 32
     1: layer1, 64e x 32 x 32;  2: layer2, 128e x 16 x 16
     3: layer3, 256e x 8 x 8;   4: layer4, 512e x 4 x 4
-all post-ReLU; ``preact_feats`` 1-4 are the last residual sums before that ReLU.
+all post-ReLU; ``preact_feats`` are the same maps before that ReLU (the stem's
+BN output, then each stage's last residual sum). ``bn_before_relu()`` gives the
+BN behind each: the stem's ``bn1``, then each stage's last ``bn2`` (``bn3`` in
+bottlenecks).
 """
 from torch import nn
 import torch.nn.functional as F
 
 from ...registry import CIFAR_MODELS
-from ..common import feature_dict, global_pool, init_conv_bn
+from ..common import BNBeforeReLU, feature_dict, global_pool, init_conv_bn
 from .resnet import make_stage
 
 
@@ -90,15 +93,25 @@ class ResNetV2(nn.Module):
         self.linear = nn.Linear(in_channels, num_classes)
         init_conv_bn(self)
 
+    def stages(self):
+        return self.layer1, self.layer2, self.layer3, self.layer4
+
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        feats, preacts = [out], [out]
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+        preact = self.bn1(self.conv1(x))
+        out = F.relu(preact)
+        feats, preacts = [out], [preact]
+        for stage in self.stages():
             out, preact = stage(out)
             feats.append(out)
             preacts.append(preact)
         pooled = global_pool(out)
         return self.linear(pooled), feature_dict(feats, preacts, pooled)
+
+    def bn_before_relu(self):
+        """One :class:`BNBeforeReLU` per map of ``preact_feats``."""
+        last = "bn3" if isinstance(self.layer1[0], Bottleneck) else "bn2"
+        return [BNBeforeReLU(self.bn1)] + [BNBeforeReLU(getattr(stage[-1], last))
+                                           for stage in self.stages()]
 
 
 @CIFAR_MODELS.register("ResNet18")

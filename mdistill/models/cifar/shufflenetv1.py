@@ -4,15 +4,17 @@ mdistiller: 3 groups, stage widths 240/480/960 with 4/8/4 units, a 1x1 stem.
 ``feats`` for a 32x32 input, all post-ReLU:
     0: stem conv1x1-BN-ReLU, 24 x 32 x 32
     1: layer1, 240 x 16 x 16;  2: layer2, 480 x 8 x 8;  3: layer3, 960 x 4 x 4
-``preact_feats`` 1-3 are the last unit's sum (or concatenation) before its ReLU.
-Initialisation is PyTorch's default, as in mdistiller.
+``preact_feats`` are the same maps before the ReLU: the stem's BN output, then
+the last unit's sum (or concatenation) before its ReLU. ``bn_before_relu()``
+gives the stem's ``bn1`` and each stage's last ``bn3`` (mdistiller has none
+for ShuffleNets). Initialisation is PyTorch's default, as in mdistiller.
 """
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from ...registry import CIFAR_MODELS
-from ..common import channel_shuffle, feature_dict, global_pool
+from ..common import BNBeforeReLU, channel_shuffle, feature_dict, global_pool
 
 
 class ShuffleUnit(nn.Module):
@@ -74,13 +76,25 @@ class ShuffleNetV1(nn.Module):
         self.linear = nn.Linear(in_channels, num_classes)
 
     def forward(self, x):
-        stem = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        pre0 = self.bn1(self.conv1(x))
+        stem = F.relu(pre0)
         out1, pre1 = self.layer1(stem)
         out2, pre2 = self.layer2(out1)
         out3, pre3 = self.layer3(out2)
         pooled = global_pool(out3)
         return self.linear(pooled), feature_dict([stem, out1, out2, out3],
-                                                 [stem, pre1, pre2, pre3], pooled)
+                                                 [pre0, pre1, pre2, pre3], pooled)
+
+    def bn_before_relu(self):
+        """One :class:`BNBeforeReLU` per map of ``preact_feats``. A stage whose last
+        unit downsamples gets only its first channels from ``bn3``; the rest are
+        the pooled, already non-negative input."""
+        records = [BNBeforeReLU(self.bn1)]
+        for stage in (self.layer1, self.layer2, self.layer3):
+            bn = stage[-1].bn3
+            records.append(BNBeforeReLU(bn, slice(None) if stage[-1].stride == 1
+                                        else slice(0, bn.num_features)))
+        return records
 
 
 @CIFAR_MODELS.register("ShuffleV1")

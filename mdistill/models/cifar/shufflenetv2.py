@@ -5,17 +5,19 @@ then 3/7/3 units), a 1x1 head conv to 1024.
 ``feats`` for a 32x32 input, all post-ReLU:
     0: stem conv1x1-BN-ReLU, 24 x 32 x 32
     1: layer1, 116 x 16 x 16;  2: layer2, 232 x 8 x 8;  3: layer3, 464 x 4 x 4
-``preact_feats`` 1-3 are, as in mdistiller, the last unit's [kept half, branch
-before its ReLU] concatenation *before* the channel shuffle: the same values,
-in another channel order. ``pooled_feat`` is the pooled head output (1024).
+``preact_feats`` are the same maps before the ReLU: the stem's BN output, then
+the last unit's kept half and branch before its ReLU, shuffled as the output
+is, so ``relu(preact) == feat`` (mdistiller returns them unshuffled, in another
+channel order). ``bn_before_relu()`` gives the stem's ``bn1`` and each stage's
+last ``bn3``, which feeds the odd channels; the even ones are the kept half,
+already non-negative. ``pooled_feat`` is the pooled head output (1024).
 Initialisation is PyTorch's default, as in mdistiller.
 """
-import torch
 from torch import nn
 import torch.nn.functional as F
 
 from ...registry import CIFAR_MODELS
-from ..common import feature_dict, global_pool, interleave
+from ..common import BNBeforeReLU, feature_dict, global_pool, interleave
 
 
 class ShuffleUnit(nn.Module):
@@ -42,7 +44,7 @@ class ShuffleUnit(nn.Module):
         out = self.bn2(self.conv2(out))
         branch = self.bn3(self.conv3(out))
         if self.returns_preact:
-            return interleave(kept, F.relu(branch)), torch.cat([kept, branch], 1)
+            return interleave(kept, F.relu(branch)), interleave(kept, branch)
         return interleave(kept, F.relu(branch, inplace=True))
 
 
@@ -95,13 +97,20 @@ class ShuffleNetV2(nn.Module):
         self.linear = nn.Linear(widths[3], num_classes)
 
     def forward(self, x):
-        stem = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        pre0 = self.bn1(self.conv1(x))
+        stem = F.relu(pre0)
         out1, pre1 = self.layer1(stem)
         out2, pre2 = self.layer2(out1)
         out3, pre3 = self.layer3(out2)
         pooled = global_pool(F.relu(self.bn2(self.conv2(out3)), inplace=True))
         return self.linear(pooled), feature_dict([stem, out1, out2, out3],
-                                                 [stem, pre1, pre2, pre3], pooled)
+                                                 [pre0, pre1, pre2, pre3], pooled)
+
+    def bn_before_relu(self):
+        """One :class:`BNBeforeReLU` per map of ``preact_feats``; a stage's ``bn3``
+        feeds its odd channels (``interleave`` puts the branch there)."""
+        return [BNBeforeReLU(self.bn1)] + [BNBeforeReLU(stage[-1].bn3, slice(1, None, 2))
+                                           for stage in (self.layer1, self.layer2, self.layer3)]
 
 
 @CIFAR_MODELS.register("ShuffleV2")

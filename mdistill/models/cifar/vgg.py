@@ -8,13 +8,14 @@ keeps the pre-activation. Max-pooling follows blocks 0-2 (and 3 on 64x64 inputs)
 ``feats`` for a 32x32 input, all post-ReLU:
     0: block0, 64 x 32 x 32;   1: block1, 128 x 16 x 16;  2: block2, 256 x 8 x 8
     3: block3, 512 x 4 x 4;    4: block4, 512 x 4 x 4
-``preact_feats`` 1-4 are the same maps before the ReLU (0 equals feats[0]).
+``preact_feats`` are the same maps before the ReLU; ``bn_before_relu()`` gives
+each block's last BN.
 """
 from torch import nn
 import torch.nn.functional as F
 
 from ...registry import CIFAR_MODELS
-from ..common import feature_dict, global_pool, init_conv_bn, init_linear
+from ..common import BNBeforeReLU, feature_dict, global_pool, init_conv_bn, init_linear
 
 # Convolution widths of the five blocks.
 LAYOUTS = {
@@ -51,12 +52,14 @@ class VGG(nn.Module):
         init_conv_bn(self)
         init_linear(self, std=0.01)
 
+    def blocks(self):
+        return self.block0, self.block1, self.block2, self.block3, self.block4
+
     def forward(self, x):
         pool_block3 = x.shape[2] == 64
-        out = F.relu(self.block0(x), inplace=True)
-        feats, preacts = [out], [out]
-        out = F.max_pool2d(out, 2)
-        for index, block in enumerate((self.block1, self.block2, self.block3, self.block4), 1):
+        feats, preacts = [], []
+        out = x
+        for index, block in enumerate(self.blocks()):
             preact = block(out)
             out = F.relu(preact)
             feats.append(out)
@@ -65,6 +68,10 @@ class VGG(nn.Module):
                 out = F.max_pool2d(out, 2)
         pooled = global_pool(out)
         return self.classifier(pooled), feature_dict(feats, preacts, pooled)
+
+    def bn_before_relu(self):
+        """One :class:`BNBeforeReLU` per map of ``preact_feats``."""
+        return [BNBeforeReLU(block[-1]) for block in self.blocks()]
 
 
 def _register(name):

@@ -7,14 +7,15 @@ each of three groups of widths 16k, 32k, 64k; a final BN-ReLU before pooling.
 values):
     0: the stem convolution, 16 x 32 x 32
     1: block1, 16k x 32 x 32;  2: block2, 32k x 16 x 16;  3: block3, 64k x 8 x 8
-``preact_feats`` 1-3 are those maps after the BN that follows them (block2's and
-block3's first ``bn1``, then the top-level ``bn1``), the last step before a ReLU.
+``preact_feats`` are those maps after the BN that follows them (the first
+``bn1`` of block1, block2 and block3, then the top-level ``bn1``), the last
+step before a ReLU; ``bn_before_relu()`` gives those BNs.
 """
 from torch import nn
 import torch.nn.functional as F
 
 from ...registry import CIFAR_MODELS
-from ..common import feature_dict, global_pool, init_conv_bn, init_linear
+from ..common import BNBeforeReLU, feature_dict, global_pool, init_conv_bn, init_linear
 
 
 class WideBlock(nn.Module):
@@ -88,7 +89,7 @@ class WideResNet(nn.Module):
         count = (depth - 4) // 6
         widths = (16, 16 * widen, 32 * widen, 64 * widen)
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        self.block1 = WideGroup(count, widths[0], widths[1], 1)
+        self.block1 = WideGroup(count, widths[0], widths[1], 1, returns_normed_input=True)
         self.block2 = WideGroup(count, widths[1], widths[2], 2, returns_normed_input=True)
         self.block3 = WideGroup(count, widths[2], widths[3], 2, returns_normed_input=True)
         self.bn1 = nn.BatchNorm2d(widths[3])
@@ -98,7 +99,7 @@ class WideResNet(nn.Module):
 
     def forward(self, x):
         stem = self.conv1(x)
-        out1, _ = self.block1(stem)
+        out1, pre0 = self.block1(stem)
         out2, pre1 = self.block2(out1)
         out3, pre2 = self.block3(out2)
         pre3 = self.bn1(out3)
@@ -106,8 +107,14 @@ class WideResNet(nn.Module):
         # mdistiller gets pre1 and pre2 by calling the next group's bn1 a second
         # time, which in training also updates that BN's running statistics twice
         # per step; taking the value the block computes anyway avoids both.
+        # (Its preact_feats[0] is the raw stem; ours follows the rule of the others.)
         return self.fc(pooled), feature_dict([stem, out1, out2, out3],
-                                             [stem, pre1, pre2, pre3], pooled)
+                                             [pre0, pre1, pre2, pre3], pooled)
+
+    def bn_before_relu(self):
+        """One :class:`BNBeforeReLU` per map of ``preact_feats``."""
+        groups = (self.block1, self.block2, self.block3)
+        return [BNBeforeReLU(group.layer[0].bn1) for group in groups] + [BNBeforeReLU(self.bn1)]
 
 
 def _register(depth, widen):

@@ -5,14 +5,14 @@ separable units (``model.<i>.0/1`` and ``.3/.4``), then ``fc``.
 As in mdistiller, ``feats`` has no stem map: for a 224x224 input it holds the
 post-ReLU outputs of units 3, 5, 11 and 13:
     0: 128 x 56 x 56;  1: 256 x 28 x 28;  2: 512 x 14 x 14;  3: 1024 x 7 x 7
-and ``preact_feats`` the same outputs before that ReLU. Initialisation is
-PyTorch's default, as in mdistiller.
+and ``preact_feats`` the same outputs before that ReLU; ``bn_before_relu()``
+gives those units' last BN. Initialisation is PyTorch's default, as in mdistiller.
 """
 from torch import nn
 import torch.nn.functional as F
 
 from ...registry import IMAGENET_MODELS
-from ..common import feature_dict, global_pool
+from ..common import BNBeforeReLU, feature_dict, global_pool
 
 # (output width, stride) of the depthwise-separable units after the stem.
 UNITS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1),
@@ -58,6 +58,10 @@ class MobileNetV1(nn.Module):
                 out = F.relu(out, inplace=True)
         pooled = global_pool(out)
         return self.fc(pooled), feature_dict(feats, preacts, pooled)
+
+    def bn_before_relu(self):
+        """One :class:`BNBeforeReLU` per map of ``preact_feats``."""
+        return [BNBeforeReLU(self.model[index][-1]) for index in sorted(FEATURE_UNITS)]
 
 
 @IMAGENET_MODELS.register("MobileNetV1")

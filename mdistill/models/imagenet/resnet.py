@@ -6,14 +6,16 @@ placed as in mdistiller's ImageNet ResNet, all post-ReLU:
     0: stem conv7x7-BN-ReLU before the max-pool, 64 x 112 x 112
     1: layer1, 64e x 56 x 56;   2: layer2, 128e x 28 x 28
     3: layer3, 256e x 14 x 14;  4: layer4, 512e x 7 x 7
-``preact_feats`` 1-4 are each stage's last residual sum before its ReLU.
+``preact_feats`` are the same maps before the ReLU (the stem's BN output, as in
+mdistiller, then each stage's last residual sum); ``bn_before_relu()`` gives
+the stem's ``bn1`` and each stage's last ``bn2`` (``bn3`` in bottlenecks).
 """
 import torch.nn.functional as F
 from torchvision import models
 from torchvision.models import resnet as tv_resnet
 
 from ...registry import IMAGENET_MODELS
-from ..common import feature_dict
+from ..common import BNBeforeReLU, feature_dict
 
 
 def _finish(out, returns_preact):
@@ -59,15 +61,22 @@ class ResNet(models.ResNet):
         return self.layer1, self.layer2, self.layer3, self.layer4
 
     def forward(self, x):
-        stem = self.relu(self.bn1(self.conv1(x)))
+        stem_preact = self.bn1(self.conv1(x))
+        stem = F.relu(stem_preact)
         out = self.maxpool(stem)
-        feats, preacts = [stem], [stem]
+        feats, preacts = [stem], [stem_preact]
         for stage in self.stages():
             out, preact = stage(out)
             feats.append(out)
             preacts.append(preact)
         pooled = self.avgpool(out).flatten(1)
         return self.fc(pooled), feature_dict(feats, preacts, pooled)
+
+    def bn_before_relu(self):
+        """One :class:`BNBeforeReLU` per map of ``preact_feats``."""
+        last = "bn3" if isinstance(self.layer1[0], Bottleneck) else "bn2"
+        return [BNBeforeReLU(self.bn1)] + [BNBeforeReLU(getattr(stage[-1], last))
+                                           for stage in self.stages()]
 
 
 # name -> (block, blocks per stage, torchvision weights enum)
