@@ -176,3 +176,33 @@ def test_ctkd_temperature_is_trained_and_checkpointed_with_the_student():
     params = {id(p) for p in distiller.get_learnable_parameters()}
     assert id(distiller.temperature.theta) in params
     assert "temperature.theta" in distiller.state_dict_to_save()
+
+
+# ------------------------------------------------------ logit standardization
+
+def np_standardize(z):
+    """Per-row z-score with the unbiased (n - 1) std plus 1e-7, as the authors' code."""
+    z = np.asarray(z, dtype=np.float64)
+    return (z - z.mean(axis=1, keepdims=True)) / (z.std(axis=1, ddof=1, keepdims=True) + 1e-7)
+
+
+def test_kd_with_logit_standardization_matches_the_formula():
+    student, teacher, target = pair(seed=5)
+    losses = run(build("KD", student, teacher, temperature=2.0, ce_weight=0.1, kd_weight=9.0,
+                       logit_stand=True), 6, target)
+    expected = 9.0 * np_kd(np_standardize(student), np_standardize(teacher), 2.0)
+    assert losses["loss_kd"] == pytest.approx(expected, rel=1e-5)
+    assert losses["loss_ce"] == pytest.approx(0.1 * np_cross_entropy(student, target), rel=1e-5)
+    # The biased std would give another value: the test tells them apart.
+    biased = [(z - z.mean(1, keepdims=True)) / z.std(1, keepdims=True) for z in (student, teacher)]
+    assert losses["loss_kd"] != pytest.approx(9.0 * np_kd(*biased, 2.0), rel=1e-3)
+
+
+def test_logit_standardization_ignores_the_students_logit_range():
+    """The point of the paper: a student matching the teacher's logits up to shift and
+    scale has zero loss with the switch on, not without it."""
+    _, teacher, target = pair(seed=6)
+    student = 0.3 * teacher + 2.0
+    on = run(build("KD", student, teacher, logit_stand=True), 6, target)["loss_kd"]
+    off = run(build("KD", student, teacher), 6, target)["loss_kd"]
+    assert on == pytest.approx(0, abs=1e-5) and off > 0.1

@@ -112,6 +112,10 @@ _C.KD.TEMPERATURE = 4.0
 _C.KD.LOSS = CN()
 _C.KD.LOSS.CE_WEIGHT = 0.1
 _C.KD.LOSS.KD_WEIGHT = 0.9
+# Logit standardization (Sun et al. 2024): KD on per-sample z-scores of both
+# models' logits; TEMPERATURE is then the base temperature (the authors: 2 or
+# 3) and LOSS.KD_WEIGHT 9.
+_C.KD.LOGIT_STAND = False
 
 # FitNets hints (Romero et al. 2015).
 _C.FITNET = CN()

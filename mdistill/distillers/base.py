@@ -299,6 +299,13 @@ def kd_loss(student_logits, teacher_logits, temperature):
     return kl * temperature ** 2
 
 
+def standardize_logits(logits, eps=1e-7):
+    """Logit standardization (Sun et al., CVPR 2024): each row's z-score
+    ``(z - mean) / (std + eps)``, with the unbiased std as in the authors' code; fp32."""
+    logits = logits.float()
+    return (logits - logits.mean(dim=1, keepdim=True)) / (logits.std(dim=1, keepdim=True) + eps)
+
+
 def match_spatial_size(student_feature, teacher_feature):
     """Average-pool the larger of two ``[B, C, H, W]`` maps to the smaller one's
     height and width (how mdistiller pairs stages of different resolutions)."""
