@@ -29,10 +29,14 @@ def closest_first(name, choices, limit=None):
     return ordered if limit is None else ordered[:limit]
 
 
-def unknown_choice(kind, name, choices, limit=12):
-    """Build the UserError for a name that is not one of ``choices``."""
-    ordered = closest_first(name, choices)
-    shown = ", ".join(ordered[:limit]) or "(none registered)"
-    if len(ordered) > limit:
-        shown += f", ... ({len(ordered) - limit} more)"
-    return UserError(f"unknown {kind} {name!r}; valid: {shown}")
+def unknown_choice(kind, name, choices):
+    """Build the UserError for a name that is not one of ``choices``.
+
+    The message suggests the closest valid name when one is close, then lists
+    every valid name in sorted order (so a user can scan for the one meant).
+    """
+    valid = sorted(str(choice) for choice in choices)
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return UserError(f"unknown {kind} {name!r}; {hint}valid: "
+                     f"{', '.join(valid) or '(none registered)'}")

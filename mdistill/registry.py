@@ -16,7 +16,8 @@ class Registry:
         MODELS.get("resnet8")(num_classes=10)
 
     Registering a name twice raises; looking up a missing name raises a
-    :class:`~mdistill.errors.UserError` listing the valid names, closest first.
+    :class:`~mdistill.errors.UserError` suggesting the closest name and listing
+    every valid name, sorted.
     """
 
     def __init__(self, kind):

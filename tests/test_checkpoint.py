@@ -32,16 +32,30 @@ while True:
 def test_kill_during_write_leaves_a_loadable_checkpoint(tmp_path):
     path = str(tmp_path / "latest")
     save_checkpoint({"version": 0, "weights": torch.zeros(6_000_000)}, path)
-    for delay in (0.3, 0.45, 0.6, 0.75):
+    kills, mid_write = 0, 0
+    # Kills after a delay land anywhere; kills as soon as the writer's temporary file
+    # appears land in the middle of a write. Go on until both kinds have happened.
+    while kills < 4 or (mid_write == 0 and kills < 20):
         process = subprocess.Popen([sys.executable, "-c", WRITER.format(root=ROOT, path=path)],
                                    stdout=subprocess.PIPE, text=True)
         process.stdout.readline()           # at least one full write happened
-        time.sleep(delay)
+        temporary = tmp_path / f".latest.tmp{process.pid}"
+        if kills % 2:
+            time.sleep(0.15 * kills)
+        else:
+            deadline = time.time() + 30
+            while not temporary.exists() and time.time() < deadline:
+                pass
         process.send_signal(signal.SIGKILL)
         process.wait()
+        kills += 1
+        # The temporary file exists only between its open() and the rename: a kill
+        # that leaves it behind landed in the middle of a write.
+        mid_write += temporary.exists()
         state = load_checkpoint(path)
         # Whatever version survived is whole: every element equals its version.
         assert torch.all(state["weights"] == float(state["version"]))
+    assert mid_write >= 1, f"none of {kills} kills landed in the middle of a write"
     leftovers = [name for name in os.listdir(tmp_path) if name != "latest"]
     # A killed writer may leave its temporary file, never a corrupt "latest".
     assert all(name.startswith(".latest.tmp") for name in leftovers)

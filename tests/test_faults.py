@@ -95,6 +95,64 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes(cifar_root, teacher_f
                       weights_only=True)["global_step"] == 5 * state["epoch"]
 
 
+def test_sigint_exits_130_after_saving(cifar_root, teacher_file, tmp_path):
+    opts = run_opts(cifar_root, tmp_path, teacher_file, "SOLVER.EPOCHS", "50")
+    run_dir = str(tmp_path / "cifar100_baselines" / "run")
+    process = start(opts, tmp_path)
+    wait_for_step(run_dir, 2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "stopped by signal 2" in out and "Traceback" not in err
+    assert torch.load(os.path.join(run_dir, "latest"), weights_only=True)["global_step"] >= 2
+
+
+# A run whose second training step blocks for a minute, after writing a marker file.
+SLOW_STEP = """
+import os, runpy, sys, time
+sys.path.insert(0, {root!r})
+from mdistill.distillers import DISTILLERS
+method = DISTILLERS.get("NONE")
+forward_train = method.forward_train
+calls = []
+def slow_forward_train(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        open({marker!r}, "w").close()
+        time.sleep(60)
+    return forward_train(self, *args, **kwargs)
+method.forward_train = slow_forward_train
+sys.argv = ["train.py", "--cfg", {config!r}, *{opts!r}]
+runpy.run_path({tool!r}, run_name="__main__")
+"""
+
+
+def test_a_second_signal_exits_at_once_without_saving(tmp_path):
+    marker = str(tmp_path / "in_step_2")
+    opts = ["DATASET.TYPE", "synthetic", "DATASET.SYNTHETIC.NUM_TRAIN", "64",
+            "DATASET.SYNTHETIC.NUM_TEST", "16", "DATASET.SYNTHETIC.NUM_CLASSES", "10",
+            "DATASET.NUM_WORKERS", "0", "DEVICE", "cpu", "SOLVER.BATCH_SIZE", "16",
+            "LOG.PREFIX", str(tmp_path), "EXPERIMENT.NAME", "run", "LOG.SAVE_EVERY_N_ITERS", "1"]
+    script = SLOW_STEP.format(root=ROOT, marker=marker, opts=opts,
+                              config=os.path.join(ROOT, "configs/cifar100/vanilla/resnet8.yaml"),
+                              tool=os.path.join(ROOT, "tools/train.py"))
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.path.exists(marker), process.communicate()[1]
+    process.send_signal(signal.SIGINT)          # first: stop after this step...
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)         # ...second: leave now, mid-step
+    out, err = process.communicate(timeout=30)  # far less than the step's minute
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by signal" not in out
+    # Nothing was saved after the first step: the blocked step never finished.
+    state = torch.load(tmp_path / "cifar100_vanilla" / "run" / "latest", weights_only=True)
+    assert state["global_step"] == 1
+
+
 def _poison(trainer, at_step, name="loss_kd"):
     """Make the distiller return a NaN loss from optimizer step ``at_step`` on."""
     original = trainer.distiller.forward_train

@@ -2,6 +2,7 @@
 
     python tools/train.py --cfg configs/cifar100/kd.yaml [KEY VALUE ...]
     python tools/train.py --cfg configs/cifar100/kd.yaml --resume
+    python tools/train.py --cfg configs/cifar100/kd.yaml KD.TEMPERATURE 8 --resume
     python tools/train.py --resume-from output/cifar100_baselines/kd,resnet32x4,resnet8x4,seed0
     torchrun --nproc_per_node 4 tools/train.py --cfg configs/cifar100/kd.yaml
 """
@@ -11,8 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mdistill.engine.launch import shutdown, train  # noqa: E402
-from mdistill.utils.cli import run_main  # noqa: E402
+from mdistill.engine.launch import RunStopped, shutdown, train  # noqa: E402
+from mdistill.utils.cli import run_main, split_trailing_options  # noqa: E402
 
 
 def main(argv):
@@ -26,13 +27,18 @@ def main(argv):
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
+    opts, trailing = split_trailing_options(args.opts, with_value=("--cfg", "--resume-from"))
+    args = parser.parse_args(trailing, namespace=args)
+    args.opts = opts
     if args.cfg is None and args.resume_from is None:
         parser.error("--cfg FILE is required (or --resume-from RUN_DIR)")
     try:
-        _, history = train(args.cfg, args.opts, resume=args.resume_from or args.resume or None)
+        train(args.cfg, args.opts, resume=args.resume_from or args.resume or None)
+    except RunStopped as stopped:
+        return stopped.exit_code        # 130 after SIGINT, 143 after SIGTERM
     finally:
         shutdown()
-    return 0 if history is not None else 143
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Example::
     cfg.SOLVER.LR  # 0.1, and cfg is frozen
 """
 import os
+import sys
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -31,6 +32,19 @@ RESUMABLE_KEYS = ("SOLVER.EPOCHS", "DATASET.NUM_WORKERS", "DATASET.ROOT", "DATAS
                   "DATASET.TEST.BATCH_SIZE", "DEVICE", "LOG.TENSORBOARD_FREQ",
                   "LOG.SAVE_CHECKPOINT_FREQ", "LOG.SAVE_EVERY_N_ITERS", "LOG.WANDB",
                   "SOLVER.SKIP_NONFINITE_STEPS", "SOLVER.COMPILE")
+
+# Keys declared only so mdistiller's YAML files load: they change nothing, so a
+# value other than the default gets a warning saying why (see warn_ignored_keys).
+_PROBED = "the shapes are probed from the models at the dataset's image size"
+IGNORED_KEYS = {
+    "FITNET.INPUT_SIZE": _PROBED,
+    "VID.INPUT_SIZE": _PROBED,
+    "CRD.FEAT.STUDENT_DIM": "the embedding's input width is probed from the student's "
+                            "pooled feature",
+    "CRD.FEAT.TEACHER_DIM": "the embedding's input width is probed from the teacher's "
+                            "pooled feature",
+}
+_warned_ignored = set()
 
 
 def _all_keys(node, prefix=""):
@@ -173,7 +187,36 @@ def validate_cfg(cfg):
         raise UserError(f"config key DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
-def load_cfg(path=None, opts=None, freeze=True):
+def warn_ignored_keys(cfg, warn=None):
+    """Warn about each key of IGNORED_KEYS that ``cfg`` sets to a value other
+    than its default, once per key and value in a process.
+
+    Args:
+        cfg: a config.
+        warn: called with the line; by default printed to stderr as
+            ``warning: ...`` by the first process of a distributed run only.
+
+    Returns:
+        The lines warned about this time.
+    """
+    if warn is None:
+        def warn(text):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"warning: {text}", file=sys.stderr)
+    flat, defaults = flatten_cfg(cfg), flatten_cfg(get_cfg())
+    lines = []
+    for key, why in IGNORED_KEYS.items():
+        if key not in defaults or flat[key] == defaults[key] or (key, repr(flat[key])) in \
+                _warned_ignored:
+            continue
+        _warned_ignored.add((key, repr(flat[key])))
+        lines.append(f"{key} is {flat[key]!r} but is ignored: {why} (the key is kept so "
+                     f"mdistiller's YAML files load)")
+        warn(lines[-1])
+    return lines
+
+
+def load_cfg(path=None, opts=None, freeze=True, warn_ignored=True):
     """Build the config of one experiment.
 
     Args:
@@ -182,6 +225,8 @@ def load_cfg(path=None, opts=None, freeze=True):
         opts: ``[KEY, VALUE, ...]`` from the command line, applied last;
             values are parsed as YAML (``0.1``, ``true``, ``[30, 60]``).
         freeze: freeze the result.
+        warn_ignored: warn about keys that are set but change nothing
+            (:func:`warn_ignored_keys`).
 
     Returns:
         The merged, validated :class:`CfgNode`.
@@ -196,6 +241,8 @@ def load_cfg(path=None, opts=None, freeze=True):
             _merge(cfg, values)
     merge_overrides(cfg, parse_overrides(opts))
     validate_cfg(cfg)
+    if warn_ignored:
+        warn_ignored_keys(cfg)
     if freeze:
         cfg.freeze()
     return cfg

@@ -8,7 +8,7 @@ from ..data import build_dataset, build_test_loader, build_train_loader
 from ..distillers import DISTILLERS, build_distiller
 from ..errors import UserError
 from ..models import build_model
-from ..utils.dist import barrier, get_rank, get_world_size
+from ..utils.dist import barrier, get_local_rank, get_rank, get_world_size
 from .checkpoint import extract_state_dict, load_checkpoint, load_model_weights
 from .update_rules import UPDATE_RULES
 
@@ -22,6 +22,10 @@ def resolve_device(name):
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
+    if name.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"DEVICE {name!r} under torchrun: every process would use that one "
+                        f"GPU; each process uses the GPU of its LOCAL_RANK with DEVICE cuda or "
+                        f"auto (pick the GPUs with CUDA_VISIBLE_DEVICES)")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"DEVICE {name!r} requested but CUDA is not available on this "
@@ -44,14 +48,15 @@ def dataset_options(cfg):
 
 
 def load_dataset_once_per_node(cfg):
-    """Build the dataset; in a distributed run rank 0 goes first so that only
-    one process downloads, and the others read what it wrote."""
+    """Build the dataset; in a distributed run each node's local rank 0 goes
+    first, so that one process per node downloads into that node's
+    DATASET.ROOT, and the node's other processes read what it wrote."""
     def build():
         return build_dataset(cfg.DATASET.TYPE, cfg.DATASET.ROOT, cfg.DATASET.DOWNLOAD,
                              **dataset_options(cfg))
     if get_world_size() == 1:
         return build()
-    data = build() if get_rank() == 0 else None
+    data = build() if get_local_rank() == 0 else None
     barrier()
     return data if data is not None else build()
 

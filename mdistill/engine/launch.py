@@ -2,6 +2,7 @@
 import glob
 import os
 import random
+import signal
 import sys
 from datetime import timedelta
 
@@ -9,13 +10,31 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import config_differences, default_run_name, load_cfg
+from ..config import RESUMABLE_KEYS, config_differences, default_run_name, load_cfg
 from ..errors import UserError
 from ..utils.dist import barrier, get_world_size, is_main_process
 from .builder import build_experiment
 from .checkpoint import load_checkpoint
 from .evaluate import evaluate
 from .trainer import Trainer
+
+
+class RunStopped(Exception):
+    """The run stopped on SIGINT or SIGTERM after saving a checkpoint.
+
+    Attributes:
+        signal: the signal number this process received (None when another
+            process of a distributed run received it).
+        exit_code: ``128 + signal`` as a shell reports a process killed by it
+            (130 for SIGINT, 143 for SIGTERM; 143 when the signal came to another
+            process).
+    """
+
+    def __init__(self, signum, run_dir):
+        self.signal = signum
+        self.run_dir = run_dir
+        self.exit_code = 128 + (signum or signal.SIGTERM)
+        super().__init__(f"stopped by signal {signum}; continue with --resume-from {run_dir}")
 
 
 def init_distributed():
@@ -42,21 +61,52 @@ def seed_everything(seed, deterministic):
         torch.backends.cudnn.benchmark = True
 
 
-def find_run_to_resume(cfg, resume):
-    """The run folder ``--resume`` refers to: a path, or the newest run of this config."""
+def find_run_to_resume(cfg, resume, opts=()):
+    """The run folder ``--resume`` refers to.
+
+    Args:
+        cfg: the config of the command (its overrides applied).
+        resume: a run folder (or a file in one), or True for the newest run
+            under ``LOG.PREFIX/EXPERIMENT.PROJECT`` whose ``config.yaml`` equals
+            ``cfg`` but for the keys a resumed run may change (RESUMABLE_KEYS)
+            and the folder it sits in.
+        opts: the overrides, only to name the folder a new run would get.
+
+    Raises:
+        UserError: no such run; the message names the closest run and the keys
+            in which its config differs.
+    """
     if isinstance(resume, str) and resume:
         folder = resume if os.path.isdir(resume) else os.path.dirname(resume)
         if not os.path.isfile(os.path.join(folder, "latest")):
             raise UserError(f"--resume {resume}: no checkpoint 'latest' in {folder or '.'}")
         return folder
-    base = os.path.join(cfg.LOG.PREFIX, cfg.EXPERIMENT.PROJECT,
-                        cfg.EXPERIMENT.NAME or default_run_name(cfg, []))
-    candidates = [path for path in [base] + glob.glob(glob.escape(base) + "-*")
-                  if os.path.isfile(os.path.join(path, "latest"))]
-    if not candidates:
-        raise UserError(f"--resume: no run to resume at {base} (no 'latest' checkpoint); "
-                        f"start it without --resume or give the run folder")
-    return max(candidates, key=lambda path: os.path.getmtime(os.path.join(path, "latest")))
+    project = os.path.join(cfg.LOG.PREFIX, cfg.EXPERIMENT.PROJECT)
+    ignore = set(RESUMABLE_KEYS) | {"LOG.PREFIX", "EXPERIMENT.PROJECT"}
+    matches, closest = [], None
+    for latest in glob.glob(os.path.join(glob.escape(project), "*", "latest")):
+        folder = os.path.dirname(latest)
+        try:
+            saved = load_cfg(os.path.join(folder, "config.yaml"), warn_ignored=False)
+        except UserError:           # not a run folder, or one of an incompatible version
+            continue
+        differences = config_differences(saved, cfg, ignore=ignore)
+        if not differences:
+            matches.append(folder)
+        elif closest is None or len(differences) < len(closest[1]):
+            closest = (folder, differences)
+    if matches:
+        return max(matches, key=lambda path: os.path.getmtime(os.path.join(path, "latest")))
+    base = os.path.join(project, cfg.EXPERIMENT.NAME or default_run_name(cfg, opts))
+    if closest is not None:
+        folder, differences = closest
+        shown = ", ".join(differences[:8]) + (", ..." if len(differences) > 8 else "")
+        raise UserError(f"--resume: no run to resume at {base}: the config differs from the "
+                        f"closest run's ({folder}) in {shown}; resume with the run's own "
+                        f"config (--resume-from {folder}) or start without --resume")
+    raise UserError(f"--resume: no run to resume at {base} (no run of this config with a "
+                    f"'latest' checkpoint under {project}); start it without --resume or give "
+                    f"the run folder")
 
 
 def new_run_dir(cfg, opts):
@@ -106,6 +156,9 @@ def train(cfg_path=None, opts=(), resume=None):
 
     Returns:
         ``(run_dir, history)``.
+
+    Raises:
+        RunStopped: SIGINT or SIGTERM stopped the run (a checkpoint is saved).
     """
     init_distributed()
     saved_state, run_dir = None, None
@@ -114,9 +167,9 @@ def train(cfg_path=None, opts=(), resume=None):
         cfg_path = os.path.join(run_dir, "config.yaml")
     cfg = load_cfg(cfg_path, list(opts))
     if resume:
-        run_dir = run_dir or find_run_to_resume(cfg, resume)
+        run_dir = run_dir or find_run_to_resume(cfg, resume, opts)
         saved_state = load_checkpoint(os.path.join(run_dir, "latest"))
-        saved_cfg = load_cfg(os.path.join(run_dir, "config.yaml"), freeze=True)
+        saved_cfg = load_cfg(os.path.join(run_dir, "config.yaml"), warn_ignored=False)
         changed = config_differences(saved_cfg, cfg)
         if changed:
             raise UserError(f"--resume: the config differs from the run's in "
@@ -128,10 +181,13 @@ def train(cfg_path=None, opts=(), resume=None):
         run_dir = new_run_dir(cfg, opts)
     if is_main_process():
         make_dir(run_dir)
-        if saved_state is None:
-            with open(os.path.join(run_dir, "config.yaml"), "w") as handle:
-                handle.write(cfg.dump())
-        else:
+        # A resumed run rewrites it too: keys it may change (SOLVER.EPOCHS, paths) now
+        # hold their new values, and config.yaml is what --resume and compare read.
+        temporary = os.path.join(run_dir, ".config.yaml.tmp")
+        with open(temporary, "w") as handle:
+            handle.write(cfg.dump())
+        os.replace(temporary, os.path.join(run_dir, "config.yaml"))
+        if saved_state is not None:
             _truncate_metrics(run_dir, saved_state)
         log = RunLog(os.path.join(run_dir, "log.txt"))
     log(f"run folder: {run_dir} ({get_world_size()} process(es), device "
@@ -163,7 +219,9 @@ def train(cfg_path=None, opts=(), resume=None):
         if writer is not None:
             writer.close()
     barrier()       # every process leaves together, after rank 0 has written its files
-    if history is not None and trainer.history:
+    if history is None:
+        raise RunStopped(trainer.stop_signal, run_dir)
+    if trainer.history:
         log(f"done: best test top-1 {trainer.best_acc:.2f}, last "
             f"{trainer.history[-1]['test']['top1']:.2f}; checkpoints in {run_dir}")
     return run_dir, history

@@ -37,7 +37,7 @@ def build_model(name, num_classes, dataset="cifar100"):
         An ``nn.Module`` whose ``forward`` returns ``(logits, feats)``.
 
     Raises:
-        UserError: unknown name (the valid ones are listed, closest first).
+        UserError: unknown name (the valid ones are listed, sorted).
     """
     return _registry(dataset).get(name)(num_classes=num_classes)
 

@@ -22,3 +22,29 @@ def run_main(main, argv=None):
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def split_trailing_options(opts, with_value=()):
+    """Pull ``--options`` written after ``KEY VALUE`` overrides out of them.
+
+    argparse's REMAINDER keeps everything after the first override, so in
+    ``--cfg X SOLVER.LR 0.1 --resume`` it would take ``--resume`` for a key. A
+    token starting with ``--`` where a key belongs is an option instead (config
+    keys never start with a dash); those named in ``with_value`` take the next
+    token as their value.
+
+    Returns:
+        ``(overrides, options)``, both lists of tokens in their order.
+    """
+    overrides, options, index = [], [], 0
+    while index < len(opts):
+        token = opts[index]
+        if token.startswith("--") and len(overrides) % 2 == 0:
+            options.append(token)
+            if token in with_value and index + 1 < len(opts):
+                index += 1
+                options.append(opts[index])
+        else:
+            overrides.append(token)
+        index += 1
+    return overrides, options

@@ -1,4 +1,6 @@
 """Small wrappers over torch.distributed that also work in a single process."""
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -14,6 +16,12 @@ def get_rank():
 
 def get_world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def get_local_rank():
+    """This process's index on its node (torchrun's LOCAL_RANK); the global rank
+    when no launcher set it."""
+    return int(os.environ.get("LOCAL_RANK", get_rank()))
 
 
 def is_main_process():
