@@ -193,6 +193,51 @@ _C.ADVKD.DISC_OPT.LR = 1e-4
 _C.ADVKD.DISC_OPT.BETAS = (0.5, 0.999)
 _C.ADVKD.DISC_OPT.WEIGHT_DECAY = 0.0
 
+# Decoupled KD (Zhao et al. 2022): KD split into target-class (TCKD) and
+# non-target-class (NCKD) terms.
+_C.DKD = CN()
+_C.DKD.CE_WEIGHT = 1.0
+# Weight of TCKD.
+_C.DKD.ALPHA = 1.0
+# Weight of NCKD (mdistiller's per-pair values are in configs/cifar100/dkd/).
+_C.DKD.BETA = 8.0
+# Softmax temperature; both terms are scaled by T^2.
+_C.DKD.T = 4.0
+# The DKD loss ramps up linearly over this many epochs.
+_C.DKD.WARMUP = 20
+
+# Knowledge review (Chen et al. 2021): attention-based fusion of the student's
+# levels, hierarchical context loss against the teacher's. Defaults fit
+# resnet32x4 -> resnet8x4; the lists are checked against the models.
+_C.REVIEWKD = CN()
+_C.REVIEWKD.CE_WEIGHT = 1.0
+_C.REVIEWKD.REVIEWKD_WEIGHT = 1.0
+# The review loss ramps up linearly over this many epochs.
+_C.REVIEWKD.WARMUP_EPOCHS = 20
+# Sizes of the student's levels, deepest (the pooled feature, 1) first.
+_C.REVIEWKD.SHAPES = [1, 8, 16, 32]
+# Sizes of the teacher's levels they are compared with, deepest first.
+_C.REVIEWKD.OUT_SHAPES = [1, 8, 16, 32]
+# Channels of the student's levels, shallowest first (the pooled width last).
+_C.REVIEWKD.IN_CHANNELS = [64, 128, 256, 256]
+# Channels of the teacher's levels, shallowest first.
+_C.REVIEWKD.OUT_CHANNELS = [64, 128, 256, 256]
+# Width of the fused maps: min(MAX_MID_CHANNEL, IN_CHANNELS[-1]).
+_C.REVIEWKD.MAX_MID_CHANNEL = 512
+# Fuse the student's pre-ReLU maps (preact_feats) instead of feats.
+_C.REVIEWKD.STU_PREACT = False
+
+# Overhaul of feature distillation (Heo et al. 2019): partial L2 between a
+# connector on the student's pre-ReLU maps and the teacher's, with margins
+# from the teacher's BN statistics.
+_C.OFD = CN()
+_C.OFD.LOSS = CN()
+_C.OFD.LOSS.CE_WEIGHT = 1.0
+_C.OFD.LOSS.FEAT_WEIGHT = 0.001
+_C.OFD.CONNECTOR = CN()
+# Kernel size of the connectors' convolution.
+_C.OFD.CONNECTOR.KERNEL_SIZE = 1
+
 # Neuron selectivity transfer (Huang & Wang 2017): polynomial-kernel MMD per stage.
 _C.NST = CN()
 _C.NST.LOSS = CN()

@@ -1,0 +1,83 @@
+"""DKD: Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022)."""
+import torch
+import torch.nn.functional as F
+
+from ..registry import DISTILLERS
+from .base import Distiller
+
+
+def dkd_loss(student_logits, teacher_logits, target, alpha, beta, temperature):
+    """KD split into its target-class and non-target-class parts, in fp32.
+
+    With ``p = softmax(z / T)``: TCKD is the KL between the teacher's and the
+    student's binary distributions ``(p_target, 1 - p_target)``; NCKD the KL
+    between their distributions over the other classes, renormalised. Both are
+    summed over classes, averaged over the batch and scaled by ``T^2``.
+
+    Log-probabilities are taken in log space (``1 - p_target`` as a
+    log-sum-exp over the other classes), so confident predictions give no
+    ``log(0)``; mdistiller's ``log`` of the probabilities gives the same values
+    wherever it is finite.
+
+    Returns:
+        ``alpha * TCKD + beta * NCKD``.
+    """
+    batch, classes = student_logits.shape
+    others = torch.ones_like(student_logits, dtype=torch.bool)
+    others[torch.arange(batch, device=target.device), target] = False
+
+    def split(logits):
+        scaled = logits.float() / temperature
+        log_total = scaled.logsumexp(dim=1)
+        other_logits = scaled[others].view(batch, classes - 1)
+        log_target = scaled.gather(1, target.view(-1, 1)).squeeze(1) - log_total
+        log_rest = other_logits.logsumexp(dim=1) - log_total
+        binary = torch.stack([log_target, log_rest], dim=1)
+        return binary, F.log_softmax(other_logits, dim=1)
+
+    student_binary, student_others = split(student_logits)
+    teacher_binary, teacher_others = split(teacher_logits)
+    tckd = F.kl_div(student_binary, teacher_binary, reduction="batchmean", log_target=True)
+    nckd = F.kl_div(student_others, teacher_others, reduction="batchmean", log_target=True)
+    return (alpha * tckd + beta * nckd) * temperature ** 2
+
+
+@DISTILLERS.register("DKD")
+class DKD(Distiller):
+    """Cross-entropy plus decoupled KD, the latter warmed up linearly.
+
+    ``loss_ce = ce_weight * CE`` and ``loss_kd = min(epoch / warmup, 1) *
+    (alpha * TCKD + beta * NCKD)`` (see :func:`dkd_loss`).
+
+    Args:
+        student, teacher: the models.
+        ce_weight: weight of the cross-entropy.
+        alpha, beta: weights of the target-class and non-target-class terms.
+        temperature: softmax temperature T.
+        warmup: epochs over which the DKD term ramps up to full weight.
+    """
+
+    teacher_logits_only = True
+
+    def __init__(self, student, teacher, ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0,
+                 warmup=20):
+        super().__init__(student, teacher)
+        self.ce_weight = ce_weight
+        self.alpha = alpha
+        self.beta = beta
+        self.temperature = temperature
+        self.warmup = warmup
+
+    @classmethod
+    def from_config(cls, cfg, student, teacher, data_info=None):
+        return cls(student, teacher, ce_weight=cfg.DKD.CE_WEIGHT, alpha=cfg.DKD.ALPHA,
+                   beta=cfg.DKD.BETA, temperature=cfg.DKD.T, warmup=cfg.DKD.WARMUP)
+
+    def forward_train(self, image, target, **batch):
+        logits, _ = self.student(image)
+        teacher_logits, _ = self.teacher_forward(image)
+        loss = dkd_loss(logits, teacher_logits, target, self.alpha, self.beta, self.temperature)
+        return logits, {
+            "loss_ce": self.ce_weight * F.cross_entropy(logits.float(), target),
+            "loss_kd": self.warmup_factor(self.warmup) * loss,
+        }
