@@ -31,7 +31,7 @@ CHOICES = {
 RESUMABLE_KEYS = ("SOLVER.EPOCHS", "DATASET.NUM_WORKERS", "DATASET.ROOT", "DATASET.DOWNLOAD",
                   "DATASET.TEST.BATCH_SIZE", "DEVICE", "LOG.TENSORBOARD_FREQ",
                   "LOG.SAVE_CHECKPOINT_FREQ", "LOG.SAVE_EVERY_N_ITERS", "LOG.WANDB",
-                  "SOLVER.SKIP_NONFINITE_STEPS", "SOLVER.COMPILE")
+                  "SOLVER.SKIP_NONFINITE_STEPS", "SOLVER.COMPILE", "DISTILLER.TEACHER_CACHE")
 
 # Keys declared only so mdistiller's YAML files load: they change nothing, so a
 # value other than the default gets a warning saying why (see warn_ignored_keys).

@@ -177,6 +177,10 @@ class DeviceLoader(_EpochLoader):
 
     Batches are dicts: ``image`` (float32, normalised), ``target`` (long),
     ``index`` (long, the sample's position in the dataset), plus the extra fields.
+    Augmented batches also say which view each sample is: ``crop_offset``
+    (long ``[B, 2]``, the row and column of the crop's corner in the padded
+    image, ``0 .. 2 * CROP_PADDING``) and ``flip`` (bool ``[B]``), so that a
+    sample's view can be named (the teacher cache keys logits by it).
 
     Iterating starts at :attr:`position` (0 after :meth:`set_epoch`, ``n``
     after loading a state taken after ``n`` batches) and returns to 0 once
@@ -196,6 +200,8 @@ class DeviceLoader(_EpochLoader):
                          channels_last=channels_last, drop_last=drop_last)
         self.augment = augment and train
         self.hflip = hflip
+        #: Crop offsets per axis when batches carry ``crop_offset`` and ``flip``; 0 if not.
+        self.crop_span = 2 * CROP_PADDING + 1 if self.augment else 0
         self.images = dataset.images.to(self.device)
         self.targets = dataset.targets.to(self.device)
         self.dataset_size = len(dataset)
@@ -267,10 +273,12 @@ class DeviceLoader(_EpochLoader):
             first = self._block_begin + begin
             images = self.images[first:first + end - begin]
             target = self.targets[first:first + end - begin]
+        views = {}
         if self.augment:
-            images = self._crop_and_flip(images, self._offsets[:, begin:end],
-                                         self._flips[begin:end])
-        batch = {"image": self._normalize(images), "target": target, "index": index}
+            offsets, flips = self._offsets[:, begin:end], self._flips[begin:end]
+            images = self._crop_and_flip(images, offsets, flips)
+            views = {"crop_offset": offsets.t(), "flip": flips}
+        batch = {"image": self._normalize(images), "target": target, "index": index, **views}
         return self._add_extra_fields(batch)
 
     def _crop_and_flip(self, images, offsets, flips):

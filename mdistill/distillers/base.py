@@ -79,6 +79,10 @@ class Distiller(nn.Module):
         self._stash = {}
         self.epoch = 0
         self.stage = "distill"
+        #: A :class:`~mdistill.engine.teacher_cache.TeacherCache` the builder attaches
+        #: (DISTILLER.TEACHER_CACHE) to methods with ``teacher_logits_only``; else None.
+        self.teacher_cache = None
+        self._cache_batch = None
 
     @classmethod
     def from_config(cls, cfg, student, teacher, data_info=None):
@@ -125,13 +129,29 @@ class Distiller(nn.Module):
         return self.student(image)[0]
 
     def forward(self, image, target=None, **batch):
-        if self.training:
+        if not self.training:
+            return self.forward_test(image)
+        if self.teacher_cache is None or "crop_offset" not in batch:
             return self.forward_train(image, target, **batch)
-        return self.forward_test(image)
+        # The batch's sample indices and views name its teacher logits in the cache.
+        self._cache_batch = dict(batch, image=image)
+        try:
+            return self.forward_train(image, target, **batch)
+        finally:
+            self._cache_batch = None
 
     def teacher_forward(self, image):
-        """The teacher's ``(logits, feats)`` without autograd."""
+        """The teacher's ``(logits, feats)`` without autograd.
+
+        With a teacher cache attached, the training batch's own ``image`` gets
+        its logits from the cache (views it lacks are computed and stored) and
+        empty ``feats``; any other tensor (a second view, a slice) goes to the
+        teacher.
+        """
+        batch = self._cache_batch
         with torch.no_grad():
+            if batch is not None and image is batch["image"]:
+                return self.teacher_cache.logits(self.teacher, image, batch), {}
             return self.teacher(image)
 
     # ---------------------------------------------------------- declarations

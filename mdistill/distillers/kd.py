@@ -18,6 +18,8 @@ class KD(Distiller):
             base temperature (2 or 3) and ``kd_weight`` 9.
     """
 
+    teacher_logits_only = True
+
     def __init__(self, student, teacher, temperature=4.0, ce_weight=0.1, kd_weight=0.9,
                  logit_stand=False):
         super().__init__(student, teacher)

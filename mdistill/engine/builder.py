@@ -10,6 +10,7 @@ from ..errors import UserError
 from ..models import build_model
 from ..utils.dist import barrier, get_local_rank, get_rank, get_world_size
 from .checkpoint import extract_state_dict, load_checkpoint, load_model_weights
+from .teacher_cache import build_teacher_cache
 from .update_rules import UPDATE_RULES
 
 # mdistiller's layout of its released CIFAR teachers.
@@ -111,10 +112,13 @@ class Experiment:
     train_loader: object
     test_loader: object
     teacher_source: str = ""
+    #: Whether the teacher cache is on (and its file), or why not; empty if not asked for.
+    teacher_cache_note: str = ""
 
 
 def build_experiment(cfg, device=None, load_teacher_weights=True):
-    """Build data, models and the distiller from ``cfg``; writes nothing.
+    """Build data, models and the distiller from ``cfg``; writes nothing (but
+    the teacher cache's file when DISTILLER.TEACHER_CACHE names a new one).
 
     Every user mistake (names, paths, sizes) surfaces here as a UserError,
     before a run folder exists.
@@ -149,4 +153,8 @@ def build_experiment(cfg, device=None, load_teacher_weights=True):
                                       extra_fields=distiller.extra_batch_fields(), **options)
     test_batch = max(1, cfg.DATASET.TEST.BATCH_SIZE // world_size)
     test_loader = build_test_loader(data.test, test_batch, device, **options)
-    return Experiment(cfg, device, data, distiller, train_loader, test_loader, source)
+    # Last: the cache's key needs the loaded teacher and the loader's augmentation.
+    distiller.teacher_cache, cache_note = build_teacher_cache(cfg, distiller, data,
+                                                              train_loader, device)
+    return Experiment(cfg, device, data, distiller, train_loader, test_loader, source,
+                      cache_note)

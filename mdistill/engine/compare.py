@@ -34,7 +34,8 @@ RUN_FILES = ("metrics.jsonl", "log.txt")
 # what it computes: runs differing only in these (and the seed) are seeds of one row.
 NEUTRAL_KEYS = {"EXPERIMENT.SEED", "EXPERIMENT.NAME", "EXPERIMENT.PROJECT", "DATASET.ROOT",
                 "DATASET.DOWNLOAD", "DATASET.NUM_WORKERS", "DATASET.TEST.BATCH_SIZE", "DEVICE",
-                "SOLVER.COMPILE", "SOLVER.SKIP_NONFINITE_STEPS", "DISTILLER.TEACHER_WEIGHTS"}
+                "SOLVER.COMPILE", "SOLVER.SKIP_NONFINITE_STEPS", "DISTILLER.TEACHER_WEIGHTS",
+                "DISTILLER.TEACHER_CACHE"}
 NEUTRAL_SECTIONS = ("LOG.",)
 # A path differs from machine to machine for the same teacher, so runs are not split
 # by it; a group whose runs name different teacher files gets a warning instead.

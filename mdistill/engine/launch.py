@@ -201,6 +201,8 @@ def train(cfg_path=None, opts=(), resume=None):
                           experiment.device)
         log(f"teacher {cfg.DISTILLER.TEACHER} ({experiment.teacher_source}): test top-1 "
             f"{result['top1']:.2f} top-5 {result['top5']:.2f}")
+    if experiment.teacher_cache_note:
+        log(experiment.teacher_cache_note)
 
     writer = None
     if is_main_process():

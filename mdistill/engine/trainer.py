@@ -354,8 +354,13 @@ class Trainer:
                   "best_top1": self.best_acc, "epoch_time": elapsed,
                   "images_per_sec": images * max(1, get_world_size()) / max(elapsed, 1e-9),
                   "peak_memory_mb": peak_memory_mb(self.device)}
+        cache = self.distiller.teacher_cache
+        if cache is not None:       # its hit rate and size, in the log and metrics.jsonl
+            cache_line, record["teacher_cache"] = cache.epoch_report()
         self.history.append(record)
         self.log_epoch(record)
+        if cache is not None:
+            self.log(cache_line)
         self.save(epoch_complete=True, test=test)
         return True
 

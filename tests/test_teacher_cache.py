@@ -1,0 +1,202 @@
+"""The teacher cache: exact (cold, warm and partly warm runs train as the live teacher),
+keyed (another teacher, data or precision is another file), safe to share and to crash."""
+import glob
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, tiny_opts
+from mdistill.config import load_cfg
+from mdistill.engine.builder import build_experiment
+from mdistill.engine.launch import train
+from mdistill.engine.teacher_cache import (HEADER_BYTES, MIN_ROWS, TeacherCache,
+                                           build_teacher_cache, data_fingerprint,
+                                           teacher_fingerprint)
+from mdistill.errors import UserError
+from mdistill.models import build_model
+
+CONFIG = os.path.join(ROOT, "configs/cifar100/kd.yaml")
+
+
+def run_kd(cifar_root, teacher_file, out, name, *extra):
+    opts = tiny_opts(cifar_root, out, "DISTILLER.TEACHER", "resnet20", "DISTILLER.STUDENT",
+                     "resnet8", "DISTILLER.TEACHER_WEIGHTS", teacher_file,
+                     "SOLVER.DETERMINISTIC", "True", "EXPERIMENT.NAME", name, *extra)
+    run_dir, history = train(CONFIG, opts)
+    student = torch.load(os.path.join(run_dir, "student_latest"), weights_only=True)["model"]
+    with open(os.path.join(run_dir, "log.txt")) as handle:
+        return student, history, handle.read()
+
+
+def forget_entries(folder, every):
+    """Empty one in ``every`` filled entries of the cache file in ``folder``."""
+    path, = glob.glob(os.path.join(folder, "teacher-*.bin"))
+    with open(path, "rb") as handle:
+        header = json.loads(handle.read(HEADER_BYTES).split(b"\n")[1])
+    checks = np.memmap(path, dtype=np.int32, mode="r+", offset=HEADER_BYTES,
+                       shape=(header["num_samples"] * header["num_views"],))
+    filled = np.flatnonzero(checks)
+    checks[filled[::every]] = 0
+    checks.flush()
+    return len(filled)
+
+
+def test_cold_warm_and_partly_warm_caches_train_exactly_as_the_live_teacher(
+        cifar_root, teacher_file, tmp_path):
+    cache = str(tmp_path / "cache")
+    live, _, live_log = run_kd(cifar_root, teacher_file, tmp_path, "live")
+    cold, cold_history, cold_log = run_kd(cifar_root, teacher_file, tmp_path, "cold",
+                                          "DISTILLER.TEACHER_CACHE", cache)
+    warm, warm_history, warm_log = run_kd(cifar_root, teacher_file, tmp_path, "warm",
+                                          "DISTILLER.TEACHER_CACHE", cache)
+    # A few misses per batch: without padding to MIN_ROWS rows, their forwards would
+    # take the small-batch code paths and give other bits.
+    stored = forget_entries(cache, every=10)
+    partly, partly_history, _ = run_kd(cifar_root, teacher_file, tmp_path, "partly",
+                                       "DISTILLER.TEACHER_CACHE", cache)
+    for name, student in (("cold", cold), ("warm", warm), ("partly warm", partly)):
+        assert live.keys() == student.keys()
+        assert all(torch.equal(live[key], student[key]) for key in live), name
+
+    # The cold run computed every view once (160 samples x 2 epochs, a few repeats);
+    # the warm run never ran the teacher; the partly warm one ran it on the forgotten
+    # entries, padded to MIN_ROWS rows per batch.
+    cold_stats = [record["teacher_cache"] for record in cold_history]
+    assert cold_stats[0]["hits"] == 0 and cold_stats[0]["teacher_rows"] == 160
+    assert cold_stats[1]["stored"] == stored and 300 <= stored <= 320
+    assert [record["teacher_cache"]["teacher_rows"] for record in warm_history] == [0, 0]
+    assert all(record["teacher_cache"]["hit_rate"] == 1.0 for record in warm_history)
+    partly_stats = [record["teacher_cache"] for record in partly_history]
+    misses = sum(stats["looked_up"] - stats["hits"] for stats in partly_stats)
+    assert misses == len(range(0, stored, 10))
+    assert misses <= sum(stats["teacher_rows"] for stats in partly_stats) <= 10 * MIN_ROWS + misses
+    assert partly_stats[-1]["stored"] == stored
+
+    assert "teacher cache" not in live_log
+    assert "teacher cache: on, " + cache in cold_log and "0 of 25,920 views stored" in cold_log
+    assert "teacher cache: 100.0% hits (160 of 160 views; teacher ran on 0 rows)" in warm_log
+
+
+def small_cache(folder, key=None, dtype=torch.float32):
+    return TeacherCache(str(folder), key or {"teacher": "a"}, num_samples=40, span=9,
+                        num_classes=10, dtype=dtype)
+
+
+def views(index, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return {"index": torch.as_tensor(index),
+            "crop_offset": torch.randint(0, 9, (len(index), 2), generator=generator),
+            "flip": torch.randint(0, 2, (len(index),), generator=generator).bool()}
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_lookups_return_the_teachers_bits_for_hits_and_misses(tmp_path, amp):
+    torch.manual_seed(0)
+    teacher = build_model("resnet8", 10).eval()
+    images = torch.randn(40, 3, 32, 32)
+    cache = small_cache(tmp_path, dtype=amp or torch.float32)
+    first, second = views(range(0, 32), 1), views(range(8, 40), 2)
+    # The second batch shares 24 samples with the first, 12 of them in the same view.
+    second["crop_offset"][:12] = first["crop_offset"][8:20]
+    second["flip"][:12] = first["flip"][8:20]
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32,
+                                         enabled=amp is not None):
+        for batch, hits in ((first, 0), (second, 12), (second, 32)):
+            image = images[batch["index"]]
+            expected = teacher(image)[0]
+            got = cache.logits(teacher, image, batch)
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+            assert cache.hits == hits
+            cache.reset_counts()
+
+
+def test_a_torn_or_half_written_entry_is_a_miss_never_a_wrong_read(tmp_path):
+    cache = small_cache(tmp_path)
+    ids = torch.tensor([3, 500, 6000])
+    values = torch.randn(3, 10)
+    cache.write(ids, values)
+    logits, hit = cache.read(ids)
+    assert hit.all() and torch.equal(logits, values)
+    # A crash between the logits and the checksum, or a page of logits lost: a miss.
+    cache._logits[500, 4:] = 0
+    cache._checks[6000] = 0
+    logits, hit = cache.read(ids)
+    assert hit.tolist() == [True, False, False] and torch.equal(logits[0], values[0])
+    cache.close()
+    # The file keeps what was written for the next run.
+    logits, hit = small_cache(tmp_path).read(ids)
+    assert hit.tolist() == [True, False, False] and torch.equal(logits[0], values[0])
+
+
+def test_another_key_is_another_file_and_a_damaged_file_is_refused(tmp_path):
+    first = small_cache(tmp_path)
+    first.write(torch.tensor([7]), torch.ones(1, 10))
+    other = small_cache(tmp_path, key={"teacher": "b"})
+    bf16 = small_cache(tmp_path, dtype=torch.bfloat16)
+    assert len({first.path, other.path, bf16.path}) == 3
+    assert not other.read(torch.tensor([7]))[1].any() and not bf16.read(torch.tensor([7]))[1].any()
+    with open(first.path, "r+b") as handle:
+        handle.write(b"junk")
+    with pytest.raises(UserError, match="not the cache it is named for"):
+        small_cache(tmp_path)
+    # The key's parts see a single changed weight or pixel.
+    model = build_model("resnet8", 10)
+    before = teacher_fingerprint(model)
+    with torch.no_grad():
+        model.fc.bias[3] += 1e-6
+    assert teacher_fingerprint(model) != before
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    before = data_fingerprint(images)
+    images[2, 1, 3, 3] = 1
+    assert data_fingerprint(images) != before
+
+
+WRITER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from mdistill.engine.teacher_cache import TeacherCache
+cache = TeacherCache({folder!r}, {{"teacher": "a"}}, num_samples=40, span=9, num_classes=10,
+                     dtype=torch.float32)
+generator = torch.Generator().manual_seed(int(sys.argv[1]))
+for _ in range(200):
+    ids = torch.randint(0, 40 * 162, (32,), generator=generator).unique()
+    cache.write(ids, torch.sin(ids[:, None] * 0.01 + torch.arange(10)))
+"""
+
+
+def test_two_processes_fill_one_file_at_once(tmp_path):
+    folder = str(tmp_path / "cache")
+    small_cache(folder).close()         # the file exists before the writers race
+    script = WRITER.format(root=ROOT, folder=folder)
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(seed)]) for seed in (1, 2)]
+    assert [writer.wait() for writer in writers] == [0, 0]
+    cache = small_cache(folder)
+    ids = torch.arange(40 * 162)
+    logits, hit = cache.read(ids)
+    assert hit.sum() > 40 * 162 // 2
+    expected = torch.sin(ids[hit, None] * 0.01 + torch.arange(10))
+    assert torch.equal(logits[hit], expected)
+
+
+def test_the_log_says_why_the_live_teacher_is_used(cifar_root, teacher_file, tmp_path):
+    opts = tiny_opts(cifar_root, tmp_path, "DISTILLER.TEACHER", "resnet20", "DISTILLER.STUDENT",
+                     "resnet8", "DISTILLER.TEACHER_WEIGHTS", teacher_file, "DISTILLER.TYPE",
+                     "FITNET", "DISTILLER.TEACHER_CACHE", str(tmp_path / "cache"))
+    experiment = build_experiment(load_cfg(CONFIG, opts))
+    assert experiment.distiller.teacher_cache is None
+    assert experiment.teacher_cache_note == ("teacher cache: off (method FITNET uses more of the "
+                                             "teacher than its logits; the live teacher is used)")
+    # KD on data without discrete crop+flip views (ImageNet's folder loader).
+    kd = build_experiment(load_cfg(CONFIG, opts[:-4] + ["DISTILLER.TEACHER_CACHE",
+                                                        str(tmp_path / "kd_cache")]))
+    assert kd.distiller.teacher_cache is not None
+    cache, note = build_teacher_cache(kd.cfg, kd.distiller, SimpleNamespace(train=None),
+                                      SimpleNamespace(), kd.device)
+    assert cache is None and "not CIFAR-style discrete crops and flips" in note
+    assert not os.path.exists(tmp_path / "cache")
