@@ -122,3 +122,44 @@ def test_indivisible_batch_is_a_clear_error(cifar_root, teacher_file, tmp_path):
         per_process_batch(33, 2)
     with pytest.raises(UserError, match="SOLVER.BATCH_SIZE 1 must be a multiple"):
         per_process_batch(1, 2)
+
+
+def _node_worker(rank, world, port, base):
+    """A process of a 2-node job: rank 0 alone on node 0, ranks 1 and 2 on node 1."""
+    node, local_rank = (0, 0) if rank == 0 else (1, rank - 1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import time
+    from mdistill.config import load_cfg
+    from mdistill.data.synthetic import build_synthetic
+    from mdistill.engine.builder import load_dataset_once_per_node
+    from mdistill.registry import DATASETS
+
+    def node_dataset(root=None, download=False):
+        """Synthetic data that 'downloads' into root first, noting who did."""
+        done = os.path.join(root, "downloaded")
+        if not os.path.exists(done):
+            with open(os.path.join(base, "downloads.txt"), "a") as handle:
+                handle.write(f"{os.path.basename(root)} rank{rank}\n")
+            time.sleep(0.5)                 # a download takes a while
+            open(done, "w").close()
+        return build_synthetic(num_train=16, num_test=8, num_classes=4)
+
+    DATASETS.register("node_probe", node_dataset)
+    node_root = os.path.join(base, f"node{node}")
+    os.makedirs(node_root, exist_ok=True)
+    cfg = load_cfg(None, ["DATASET.TYPE", "node_probe", "DATASET.ROOT", node_root,
+                          "DEVICE", "cpu"])
+    data = load_dataset_once_per_node(cfg)
+    assert len(data.train) == 16
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_each_node_downloads_the_dataset_once_by_its_local_rank_0(tmp_path):
+    _spawn(_node_worker, 3, str(tmp_path))
+    lines = sorted((tmp_path / "downloads.txt").read_text().splitlines())
+    # Global rank 1 is node 1's local rank 0; rank 2 only reads what it wrote.
+    assert lines == ["node0 rank0", "node1 rank1"]

@@ -1,5 +1,8 @@
 """The model zoo: names, the forward contract and feature positions, and the
 mdistiller / torchvision parameter layouts that released weights need."""
+import json
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -416,17 +419,46 @@ def test_parameter_counts_match_the_published_ones():
         assert abs(count / 1e6 - millions) < 0.01, (name, count)
 
 
-@pytest.mark.parametrize("arch", ["resnet56", "resnet110", "resnet32x4", "ResNet50", "wrn_40_2",
-                                  "vgg13"])
-def test_mdistiller_teacher_checkpoint_loads_strictly(arch, tmp_path):
-    teacher = build_model(arch, 100).eval()
+# Frozen facts: the state_dict keys and shapes of every CIFAR model of mdistiller
+# (num_classes 100), written once from its mdistiller/models/cifar/*.py. Released
+# teacher checkpoints load only if ours are exactly these.
+with open(os.path.join(os.path.dirname(__file__), "fixtures",
+                       "mdistiller_cifar_state_dicts.json")) as _handle:
+    MDISTILLER_LAYOUTS = json.load(_handle)["models"]
+MDISTILLER_TEACHERS = ("resnet56", "resnet110", "resnet32x4", "ResNet50", "wrn_40_2", "vgg13")
+
+
+def _shape(text):
+    return tuple(int(size) for size in text.split("x")) if text else ()
+
+
+def test_every_cifar_model_of_mdistiller_is_ours():
+    assert set(MDISTILLER_LAYOUTS) <= set(CIFAR)
+    assert len(MDISTILLER_LAYOUTS) == 23
+
+
+@pytest.mark.parametrize("arch", sorted(MDISTILLER_LAYOUTS))
+def test_state_dict_keys_and_shapes_are_mdistillers(arch):
+    theirs = {key: _shape(text) for key, text in MDISTILLER_LAYOUTS[arch].items()}
+    ours = _shapes(build_model(arch, 100).state_dict())
+    assert sorted(set(theirs) - set(ours)) == [], "keys mdistiller has and we lack"
+    assert sorted(set(ours) - set(theirs)) == [], "keys we have and mdistiller lacks"
+    assert {key: ours[key] for key in theirs if ours[key] != theirs[key]} == {}
+
+
+@pytest.mark.parametrize("arch", MDISTILLER_TEACHERS)
+def test_a_checkpoint_in_mdistillers_layout_loads_strictly(arch, tmp_path):
+    from mdistill.engine.checkpoint import extract_state_dict, load_checkpoint, load_model_weights
+    # Built from the frozen layout alone, as mdistiller's trainer saves it.
+    state = {key: torch.full(_shape(text), 0.5) if text else torch.tensor(240)
+             for key, text in MDISTILLER_LAYOUTS[arch].items()}
     path = tmp_path / f"{arch}_vanilla" / "ckpt_epoch_240.pth"
     path.parent.mkdir()
-    torch.save({"model": teacher.state_dict(), "epoch": 240}, path)
-    fresh = build_model(arch, 100)
-    fresh.load_state_dict(torch.load(path, weights_only=True)["model"], strict=True)
-    images = torch.randn(2, 3, 32, 32)
-    assert torch.equal(_forward(fresh.eval(), images)[0], _forward(teacher, images)[0])
+    torch.save({"model": state, "epoch": 240}, path)
+    model = build_model(arch, 100)
+    load_model_weights(model, extract_state_dict(load_checkpoint(str(path)), str(path)), arch,
+                       str(path))
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
 
 
 # ImageNet
