@@ -49,6 +49,12 @@ _C.DISTILLER.STUDENT = "resnet32"
 # download_ckpts/cifar_teachers/<TEACHER>_vanilla/ckpt_epoch_240.pth, or
 # torchvision's pretrained weights on ImageNet.
 _C.DISTILLER.TEACHER_WEIGHTS = ""
+# Folder of the exact teacher-logits cache (ours; empty: off). Methods that use
+# only the teacher's logits, with CIFAR-style crop+flip augmentation, read each
+# (sample, view)'s logits from a file there once computed; files are keyed by
+# teacher weights, training images, augmentation and precision, and may be
+# shared by concurrent runs (engine/teacher_cache.py).
+_C.DISTILLER.TEACHER_CACHE = ""
 
 # -------------------------------------------------------------------- solver
 _C.SOLVER = CN()
