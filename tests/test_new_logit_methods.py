@@ -52,7 +52,7 @@ def run(distiller, batch, target, **fields):
     distiller.train()
     _, losses = distiller.forward_train(torch.zeros(batch, 3, 4, 4), torch.as_tensor(target),
                                         **fields)
-    return {name: float(value) for name, value in losses.items()}
+    return {name: float(value.detach()) for name, value in losses.items()}
 
 
 def np_softmax(z, temperature=1.0):
@@ -206,3 +206,77 @@ def test_logit_standardization_ignores_the_students_logit_range():
     on = run(build("KD", student, teacher, logit_stand=True), 6, target)["loss_kd"]
     off = run(build("KD", student, teacher), 6, target)["loss_kd"]
     assert on == pytest.approx(0, abs=1e-5) and off > 0.1
+
+
+# ---------------------------------------------------------------------- MLKD
+
+class TwoViews(nn.Module):
+    """Fixed logits for the weak view (an input of zeros) and the strong view (ones)."""
+
+    def __init__(self, weak, strong):
+        super().__init__()
+        self.weak, self.strong = FixedLogits(weak), FixedLogits(strong)
+
+    def forward(self, x):
+        return (self.strong if bool(x.flatten()[0] == 1) else self.weak)(x)
+
+
+def np_mlkd(weak, strong, teacher_weak, teacher_strong, target, temperature, ce_weight,
+            kd_weight, stand=False):
+    """The authors' KD_ours.forward_train, transcribed to float64 numpy."""
+    temps = [temperature, 3.0, 5.0, 2.0, 6.0]
+    teacher_probs = np_softmax(teacher_weak)
+    confidence = teacher_probs.max(axis=1)
+    mask = confidence <= np.percentile(confidence, 50)
+    class_confidence = teacher_probs.sum(axis=0)
+    class_mask = class_confidence <= np.percentile(class_confidence, 50)
+
+    def kd(s, t, temp):
+        if stand:
+            s, t = np_standardize(s), np_standardize(t)
+        return np_kd(s, t, temp)
+
+    def cc(s, t, temp):
+        ps, pt = np_softmax(s, temp), np_softmax(t, temp)
+        return ((pt.T @ pt - ps.T @ ps) ** 2).sum() / s.shape[1]
+
+    def bc(s, t, temp):
+        ps, pt = np_softmax(s, temp), np_softmax(t, temp)
+        return ((pt @ pt.T - ps @ ps.T) ** 2).sum() / s.shape[0]
+
+    loss_ce = ce_weight * (np_cross_entropy(weak, target) + np_cross_entropy(strong, target))
+    kd_weak = sum(kd_weight * (kd(weak, teacher_weak, t) * mask).mean() for t in temps)
+    kd_strong = kd_weight * (kd(strong, teacher_strong, temps[0]) + kd(strong, teacher_strong, 3.0)
+                             + kd(strong, teacher_strong, 5.0) + kd(weak, teacher_weak, 2.0)
+                             + kd(weak, teacher_weak, 6.0))
+    loss_cc = sum(kd_weight * (cc(weak, teacher_weak, t) * class_mask).mean() for t in temps)
+    loss_bc = sum(kd_weight * (bc(weak, teacher_weak, t) * mask).mean() for t in temps)
+    return {"loss_ce": loss_ce, "loss_kd": kd_weak + kd_strong, "loss_cc": loss_cc,
+            "loss_bc": loss_bc}
+
+
+@pytest.mark.parametrize("stand", [False, True])
+def test_mlkd_matches_the_authors_losses(stand):
+    rng = np.random.default_rng(7)
+    weak, strong, teacher_weak, teacher_strong = (rng.normal(size=(8, 6)) * 2 for _ in range(4))
+    target = rng.integers(0, 6, size=8)
+    temperature, kd_weight = (2.0, 9.0) if stand else (4.0, 0.9)
+    distiller = DISTILLERS.get("MLKD")(TwoViews(weak, strong), TwoViews(teacher_weak, teacher_strong),
+                                       temperature=temperature, ce_weight=0.1,
+                                       kd_weight=kd_weight, logit_stand=stand)
+    distiller.train()
+    logits, losses = distiller.forward_train(torch.zeros(8, 3, 4, 4), torch.as_tensor(target),
+                                             image_strong=torch.ones(8, 3, 4, 4))
+    expected = np_mlkd(weak, strong, teacher_weak, teacher_strong, target, temperature, 0.1,
+                       kd_weight, stand)
+    assert set(losses) == set(expected)
+    for name, value in expected.items():
+        assert float(losses[name]) == pytest.approx(value, rel=1e-5), name
+    assert torch.allclose(logits, torch.as_tensor(weak, dtype=torch.float32))
+
+
+def test_mlkd_declares_its_strong_view():
+    from mdistill.data.randaugment import RandAugmentView
+    distiller = build("MLKD", *pair()[:2], augment_ops=3)
+    view = distiller.extra_batch_fields()["image_strong"]
+    assert isinstance(view, RandAugmentView) and view.num_ops == 3

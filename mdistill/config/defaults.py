@@ -321,6 +321,22 @@ _C.CTKD.LOSS = CN()
 _C.CTKD.LOSS.CE_WEIGHT = 0.1
 _C.CTKD.LOSS.KD_WEIGHT = 0.9
 
+# MLKD (Jin et al. 2023): KD at five temperatures on a weak and a strong
+# (RandAugment + Cutout) view, plus batch- and class-level prediction
+# correlations, as the authors' KD_ours.py. Defaults: their cfg.py (KD.*).
+_C.MLKD = CN()
+# The first of the temperatures (T, 3, 5, 2, 6); with LOGIT_STAND the base temperature.
+_C.MLKD.TEMPERATURE = 4.0
+_C.MLKD.LOSS = CN()
+# Weight of each view's cross-entropy.
+_C.MLKD.LOSS.CE_WEIGHT = 0.1
+# Weight of every distillation term (with LOGIT_STAND the authors use 9 or 6).
+_C.MLKD.LOSS.KD_WEIGHT = 0.9
+# Logit standardization (Sun et al. 2024) of the KD terms' logits.
+_C.MLKD.LOGIT_STAND = False
+# RandAugment ops applied to each image of the strong view.
+_C.MLKD.AUGMENT_OPS = 2
+
 
 def get_cfg():
     """Return a fresh, mutable copy of the defaults."""

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from ..errors import UserError
 from .base import ImageTensorDataset, check_positive, mix_seed
+from .randaugment import ImageView
 
 #: Zero padding of the random crop (torchvision's RandomCrop(32, padding=4)).
 CROP_PADDING = 4
@@ -103,6 +104,9 @@ class _EpochLoader:
         self.rank = rank
         self.world_size = world_size
         self.extra_fields = dict(extra_fields or {})
+        #: Extra fields that are other augmented views of the images (MLKD's strong view).
+        self.image_views = {name: self.extra_fields.pop(name) for name in list(self.extra_fields)
+                      if isinstance(self.extra_fields[name], ImageView)}
         self.channels_last = channels_last
         self.drop_last = drop_last and train
         # (x / 255 - mean) / std as one fused multiply-add: x * scale + shift.
@@ -248,6 +252,13 @@ class DeviceLoader(_EpochLoader):
                                         generator=generator).bool().to(self.device)
             if not self.hflip:
                 self._flips.zero_()
+        # Each extra view draws its own choices for the epoch from its own stream.
+        self._view_plans = {
+            name: {key: value.to(self.device) for key, value in view.plan(
+                self.num_samples, torch.Generator().manual_seed(
+                    mix_seed(self.seed, self.epoch, self.rank, 2 + number)),
+                crop_span=2 * CROP_PADDING + 1, hflip=self.hflip).items()}
+            for number, (name, view) in enumerate(self.image_views.items())} if self.train else {}
         self._plan_epoch = self.epoch
 
     def __iter__(self):
@@ -279,6 +290,10 @@ class DeviceLoader(_EpochLoader):
             images = self._crop_and_flip(images, offsets, flips)
             views = {"crop_offset": offsets.t(), "flip": flips}
         batch = {"image": self._normalize(images), "target": target, "index": index, **views}
+        for name, view in self.image_views.items():
+            plan = {key: value[begin:end] for key, value in self._view_plans[name].items()}
+            batch[name] = self._normalize(view.render(self.images.index_select(0, index), plan,
+                                                      self._crop_and_flip))
         return self._add_extra_fields(batch)
 
     def _crop_and_flip(self, images, offsets, flips):
@@ -347,6 +362,10 @@ class TorchLoader(_EpochLoader):
         super().__init__(batch_size, device, mean=mean, std=std, train=train, seed=seed,
                          rank=rank, world_size=world_size, extra_fields=extra_fields,
                          channels_last=channels_last, drop_last=drop_last)
+        if self.image_views:
+            raise UserError(f"the extra view(s) {', '.join(self.image_views)} (e.g. MLKD's strong "
+                            f"view) need an in-memory dataset (cifar100, digits, synthetic), "
+                            f"not a folder dataset")
         if train:
             inner = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                        shuffle=True, seed=seed)
