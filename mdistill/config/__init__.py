@@ -25,12 +25,14 @@ CHOICES = {
     "CRD.MODE": ("exact", "relax"),
     "ADVKD.INPUT": ("logits", "probs", "feature"),
     "ADVKD.GAN_LOSS": ("bce", "lsgan", "hinge"),
+    "DISTILLER.TEACHER_REDUCE": ("mean_probs", "mean_loss"),
 }
 
 # Keys a resumed run may change; anything else must match the saved config.
 RESUMABLE_KEYS = ("SOLVER.EPOCHS", "DATASET.NUM_WORKERS", "DATASET.ROOT", "DATASET.DOWNLOAD",
                   "DATASET.TEST.BATCH_SIZE", "DEVICE", "LOG.TENSORBOARD_FREQ",
                   "LOG.SAVE_CHECKPOINT_FREQ", "LOG.SAVE_EVERY_N_ITERS", "LOG.WANDB",
+                  "LOG.PRINT_FREQ",
                   "SOLVER.SKIP_NONFINITE_STEPS", "SOLVER.COMPILE", "DISTILLER.TEACHER_CACHE")
 
 # Keys declared only so mdistiller's YAML files load: they change nothing, so a
@@ -259,16 +261,18 @@ def cfg_from_text(text):
 def default_run_name(cfg, opts=None):
     """A readable run folder name: method, teacher, student, seed and overrides.
 
-    Example: ``kd,resnet32x4,resnet8x4,seed0,LR=0.1``.
+    Example: ``kd,resnet32x4,resnet8x4,seed0,LR=0.1`` (several teachers:
+    ``kd,resnet56+wrn_40_2,resnet20,...``).
     """
     method = cfg.DISTILLER.TYPE.lower()
     if method == "none":
         parts = ["vanilla", cfg.DISTILLER.STUDENT]
     else:
-        parts = [method, cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT]
+        teacher = "+".join(cfg.DISTILLER.TEACHERS) or cfg.DISTILLER.TEACHER
+        parts = [method, teacher, cfg.DISTILLER.STUDENT]
     parts.append(f"seed{cfg.EXPERIMENT.SEED}")
     skip = ("EXPERIMENT.", "LOG.", "DEVICE", "DATASET.ROOT", "DATASET.NUM_WORKERS",
-            "DATASET.DOWNLOAD", "DISTILLER.TEACHER_WEIGHTS")
+            "DATASET.DOWNLOAD", "DISTILLER.TEACHER_WEIGHTS", "DISTILLER.TEACHERS")
     for key, value in parse_overrides(opts).items():
         if key.startswith(skip) or key in RESUMABLE_KEYS or key in (
                 "DISTILLER.TYPE", "DISTILLER.TEACHER", "DISTILLER.STUDENT"):

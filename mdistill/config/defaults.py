@@ -49,6 +49,22 @@ _C.DISTILLER.STUDENT = "resnet32"
 # download_ckpts/cifar_teachers/<TEACHER>_vanilla/ckpt_epoch_240.pth, or
 # torchvision's pretrained weights on ImageNet.
 _C.DISTILLER.TEACHER_WEIGHTS = ""
+# Several teachers at once (ours): their model names; empty: DISTILLER.TEACHER
+# alone. With a list, DISTILLER.TEACHER and TEACHER_WEIGHTS are not used.
+_C.DISTILLER.TEACHERS = []
+# One checkpoint path per entry of TEACHERS, in order (an entry "" or an empty
+# list: each teacher's default, as for TEACHER_WEIGHTS). A key of its own
+# because config values keep their type: TEACHER_WEIGHTS stays one string, so
+# mdistiller's YAML files and single-teacher runs read as before.
+_C.DISTILLER.TEACHERS_WEIGHTS = []
+# How methods that use only the teachers' logits (KD, DKD, DIST, ...) combine
+# them: mean_probs (distil from the average of the teachers' softened
+# predictions at the method's temperature) | mean_loss (one loss per teacher,
+# averaged).
+_C.DISTILLER.TEACHER_REDUCE = "mean_probs"
+# Index into TEACHERS of the teacher whose features feature methods (FitNet,
+# CRD, ...) use; they use that teacher alone.
+_C.DISTILLER.FEATURE_TEACHER = 0
 # Folder of the exact teacher-logits cache (ours; empty: off). Methods that use
 # only the teacher's logits, with CIFAR-style crop+flip augmentation, read each
 # (sample, view)'s logits from a file there once computed; files are keyed by

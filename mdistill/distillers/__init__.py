@@ -15,7 +15,10 @@ def build_distiller(cfg, student, teacher=None, data_info=None):
     Args:
         cfg: the experiment config.
         student: the student model.
-        teacher: the teacher model (None for methods with ``requires_teacher = False``).
+        teacher: the teacher model (None for methods with ``requires_teacher = False``),
+            or a list of teachers in DISTILLER.TEACHERS order: the method is built
+            with the DISTILLER.FEATURE_TEACHER one, then given all of them
+            (:meth:`Distiller.set_teachers`, combined by DISTILLER.TEACHER_REDUCE).
         data_info: the training data's description (``num_classes``,
             ``train_targets``, ``image_size``), e.g. a
             :class:`mdistill.data.DatasetSplits`.
@@ -24,5 +27,11 @@ def build_distiller(cfg, student, teacher=None, data_info=None):
         UserError: the method name is unknown (the valid ones are listed).
     """
     method = DISTILLERS.get(cfg.DISTILLER.TYPE)
-    return method.from_config(cfg, student, teacher if method.requires_teacher else None,
-                              data_info)
+    if not method.requires_teacher:
+        return method.from_config(cfg, student, None, data_info)
+    if not isinstance(teacher, (list, tuple)):
+        return method.from_config(cfg, student, teacher, data_info)
+    distiller = method.from_config(cfg, student, teacher[cfg.DISTILLER.FEATURE_TEACHER],
+                                   data_info)
+    distiller.set_teachers(teacher, cfg.DISTILLER.TEACHER_REDUCE)
+    return distiller

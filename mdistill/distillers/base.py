@@ -1,10 +1,15 @@
 """The Distiller base class: what every method declares to the one trainer."""
+import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from ..config import CHOICES
+from ..errors import UserError, unknown_choice
 
 
 class Distiller(nn.Module):
@@ -30,6 +35,10 @@ class Distiller(nn.Module):
       initialisation of FSP, AB and FT): :meth:`stages`; the current one's
       name is :attr:`stage`;
     * per-step diagnostics: :meth:`pop_diagnostics`.
+
+    Several teachers (:meth:`set_teachers`): ``self.teacher`` stays the one the
+    method was built with (the feature teacher); methods with
+    ``teacher_logits_only`` get the ensemble's logits from :meth:`teacher_forward`.
 
     The step protocol: ``forward_train`` only computes. It takes no optimizer
     step and writes no parameter, buffer or memory (BatchNorm's running
@@ -59,7 +68,8 @@ class Distiller(nn.Module):
 
     Args:
         student: the model being trained; ``student(x)`` returns ``(logits, feats)``.
-        teacher: the frozen model, or None for methods without one.
+        teacher: the frozen model, or None for methods without one (with several
+            teachers: the one whose features the method uses, see :meth:`set_teachers`).
     """
 
     #: False for methods that train the student alone (the teacher is not built).
@@ -75,6 +85,10 @@ class Distiller(nn.Module):
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
+        # Every teacher of an ensemble (set_teachers); None with one teacher.
+        self.teachers = None
+        self.teacher_reduce = "mean_probs"
+        self._teacher_index = None       # mean_loss: the teacher of the current pass
         self._diagnostics = {}
         self._stash = {}
         self.epoch = 0
@@ -92,16 +106,16 @@ class Distiller(nn.Module):
 
     # ------------------------------------------------------------ training mode
     def train(self, mode=True):
-        """Set train/eval mode on everything except the teacher, which stays in eval."""
+        """Set train/eval mode on everything except the teachers, which stay in eval."""
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        for teacher in self.teacher_models():
+            teacher.eval()
         return self
 
     def trainable_named_modules(self):
         """Top-level submodules trained by the student's optimizer (all but the teacher
         and the modules an auxiliary optimizer owns)."""
-        skip = {"teacher"} | set(self.auxiliary_module_names())
+        skip = {"teacher", "teachers"} | set(self.auxiliary_module_names())
         return [(name, module) for name, module in self.named_children() if name not in skip]
 
     def get_learnable_parameters(self):
@@ -131,6 +145,8 @@ class Distiller(nn.Module):
     def forward(self, image, target=None, **batch):
         if not self.training:
             return self.forward_test(image)
+        if self.ensemble_active() and self.teacher_reduce == "mean_loss":
+            return self._forward_per_teacher(image, target, **batch)
         if self.teacher_cache is None or "crop_offset" not in batch:
             return self.forward_train(image, target, **batch)
         # The batch's sample indices and views name its teacher logits in the cache.
@@ -147,12 +163,110 @@ class Distiller(nn.Module):
         its logits from the cache (views it lacks are computed and stored) and
         empty ``feats``; any other tensor (a second view, a slice) goes to the
         teacher.
+
+        With several teachers (:meth:`set_teachers`) and a method with
+        ``teacher_logits_only`` (the cache is then not used): ``mean_probs``
+        gives the logits ``T * log(mean_k softmax(z_k / T))`` at ``T =``
+        :meth:`ensemble_temperature`, whose softmax at T is the teachers'
+        averaged softened prediction (and the feature teacher's feats);
+        ``mean_loss`` gives teacher k's outputs in the k-th pass of
+        :meth:`forward`. Other methods get the feature teacher's outputs.
         """
+        if self.ensemble_active():
+            return self._ensemble_forward(image)
         batch = self._cache_batch
         with torch.no_grad():
             if batch is not None and image is batch["image"]:
                 return self.teacher_cache.logits(self.teacher, image, batch), {}
             return self.teacher(image)
+
+    # ---------------------------------------------------------------- teachers
+    def set_teachers(self, teachers, reduce="mean_probs"):
+        """Distil from several frozen teachers.
+
+        ``self.teacher``, the model the method was built with, must be one of
+        ``teachers``: methods that use features keep using it alone. Methods
+        with ``teacher_logits_only`` distil from all of them, by ``reduce``:
+
+        * ``mean_probs``: the averaged softened predictions (:meth:`teacher_forward`);
+        * ``mean_loss``: :meth:`forward_train` runs once per teacher (the
+          student's forward once, its outputs reused) and the distillation
+          losses are averaged; ``loss_ce`` is the first pass's, and what the
+          method stashes or logs comes from the last pass.
+
+        Every teacher is frozen, in eval mode, left out of the checkpoint, the
+        optimizer and DDP's synchronisation, as a single teacher is.
+
+        Args:
+            teachers: the models, in DISTILLER.TEACHERS order.
+            reduce: ``mean_probs`` | ``mean_loss``.
+
+        Raises:
+            UserError: ``reduce`` is unknown, or ``mean_loss`` for a method
+                that uses more of the teacher than its logits.
+        """
+        if reduce not in TEACHER_REDUCTIONS:
+            raise unknown_choice("value for DISTILLER.TEACHER_REDUCE:", reduce, TEACHER_REDUCTIONS)
+        if reduce == "mean_loss" and not self.teacher_logits_only:
+            raise UserError(f"DISTILLER.TEACHER_REDUCE mean_loss averages per-teacher losses of "
+                            f"methods that use only the teachers' logits; "
+                            f"{type(self).__name__} uses features, which come from "
+                            f"DISTILLER.FEATURE_TEACHER alone (use mean_probs)")
+        if not any(teacher is self.teacher for teacher in teachers):
+            raise ValueError("set_teachers: the distiller's teacher must be one of the teachers")
+        for teacher in teachers:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        self.teachers = nn.ModuleList(teachers)
+        self.teacher_reduce = reduce
+
+    def teacher_models(self):
+        """Every teacher: the ensemble's, or the single teacher (none without one)."""
+        if self.teachers is not None:
+            return list(self.teachers)
+        return [] if self.teacher is None else [self.teacher]
+
+    def ensemble_active(self):
+        """True when the method distils from several teachers' logits."""
+        return self.teachers is not None and len(self.teachers) > 1 and self.teacher_logits_only
+
+    def ensemble_temperature(self):
+        """The temperature T at which ``mean_probs`` averages the teachers' softmax.
+
+        A method should return the temperature at which it softens the
+        teacher's logits; the default takes a number in ``self.temperature``
+        (KD) or ``self.tau`` (DIST), else 1.
+        """
+        for name in ("temperature", "tau"):
+            value = getattr(self, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        return 1.0
+
+    @torch.no_grad()
+    def _ensemble_forward(self, image):
+        if self._teacher_index is not None:
+            return self.teachers[self._teacher_index](image)
+        outputs = [teacher(image) for teacher in self.teachers]
+        feats = next(feats for teacher, (_, feats) in zip(self.teachers, outputs)
+                     if teacher is self.teacher)
+        return average_softened_logits([logits for logits, _ in outputs],
+                                       self.ensemble_temperature()), feats
+
+    def _forward_per_teacher(self, image, target, **batch):
+        """``mean_loss``: one :meth:`forward_train` per teacher, losses averaged."""
+        passes = []
+        with _reuse_outputs(self.student):
+            try:
+                for index in range(len(self.teachers)):
+                    self._teacher_index = index
+                    passes.append(self.forward_train(image, target, **batch))
+            finally:
+                self._teacher_index = None
+        logits, first = passes[0]
+        return logits, {name: value if name == "loss_ce" else
+                        sum(losses[name] for _, losses in passes) / len(passes)
+                        for name, value in first.items()}
 
     # ---------------------------------------------------------- declarations
     def extra_batch_fields(self):
@@ -181,10 +295,10 @@ class Distiller(nn.Module):
         step across processes themselves (memory banks, a discriminator whose
         gradients they average).
         """
-        if self.teacher is None:
-            return []
-        names = [f"teacher.{name}" for name, _ in self.teacher.named_parameters()]
-        return names + [f"teacher.{name}" for name, _ in self.teacher.named_buffers()]
+        frozen = [("teacher", self.teacher)] if self.teacher is not None else []
+        frozen += [(f"teachers.{i}", teacher) for i, teacher in enumerate(self.teachers or [])]
+        return [f"{prefix}.{name}" for prefix, teacher in frozen
+                for name, _ in [*teacher.named_parameters(), *teacher.named_buffers()]]
 
     def extra_phases(self):
         """Updates the trainer runs after the student's, for accepted steps only.
@@ -252,17 +366,64 @@ class Distiller(nn.Module):
         return {name: float(value) for name, value in diagnostics.items()}
 
     def state_dict_to_save(self):
-        """Everything to checkpoint except the teacher (it never changes)."""
+        """Everything to checkpoint except the teachers (they never change)."""
         return {key: value for key, value in self.state_dict().items()
-                if not key.startswith("teacher.")}
+                if not key.startswith(TEACHER_PREFIXES)}
 
     def load_saved_state(self, state):
         """Load a dict written by :meth:`state_dict_to_save`."""
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [key for key in missing if not key.startswith("teacher.")]
+        missing = [key for key in missing if not key.startswith(TEACHER_PREFIXES)]
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match the distiller: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
+
+
+#: DISTILLER.TEACHER_REDUCE: how logit methods combine several teachers.
+TEACHER_REDUCTIONS = CHOICES["DISTILLER.TEACHER_REDUCE"]
+#: State-dict prefixes of the frozen teachers (never saved).
+TEACHER_PREFIXES = ("teacher.", "teachers.")
+
+
+def average_softened_logits(teacher_logits, temperature):
+    """Logits whose softmax at ``temperature`` is the mean of the teachers'.
+
+    ``T * log(mean_k softmax(z_k / T))``, in fp32: a loss that softens these
+    logits at T sees the ensemble's averaged prediction.
+
+    Args:
+        teacher_logits: a list of ``[B, C]`` logits, one per teacher.
+        temperature: T.
+    """
+    stacked = torch.stack([logits.float() for logits in teacher_logits])
+    log_probs = F.log_softmax(stacked / temperature, dim=-1)
+    return temperature * (torch.logsumexp(log_probs, dim=0) - math.log(len(teacher_logits)))
+
+
+@contextlib.contextmanager
+def _reuse_outputs(model):
+    """Within: ``model`` called again on the same input tensor returns its first
+    outputs (one forward, one graph, BatchNorm statistics moved once). A
+    compiled model, or a call with extra arguments, runs every time."""
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        yield
+        return
+    original, seen = model.forward, []
+
+    def forward(image, *args, **kwargs):
+        if args or kwargs:
+            return original(image, *args, **kwargs)
+        for known, outputs in seen:
+            if known is image:
+                return outputs
+        outputs = original(image)
+        seen.append((image, outputs))
+        return outputs
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward
 
 
 @dataclass

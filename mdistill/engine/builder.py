@@ -102,6 +102,74 @@ def load_teacher(model, cfg):
     return path
 
 
+def build_teacher(cfg, data, load_weights=True):
+    """The teacher DISTILLER.TEACHER names: ``(model, where its weights came from)``."""
+    teacher = build_model(cfg.DISTILLER.TEACHER, data.num_classes, dataset=cfg.DATASET.TYPE)
+    return teacher, load_teacher(teacher, cfg) if load_weights else ""
+
+
+def single_teacher_cfgs(cfg):
+    """One config per entry of DISTILLER.TEACHERS, each naming that teacher in
+    DISTILLER.TEACHER and its checkpoint in DISTILLER.TEACHER_WEIGHTS.
+
+    Raises:
+        UserError: the lists or DISTILLER.FEATURE_TEACHER do not fit together.
+    """
+    names, paths = list(cfg.DISTILLER.TEACHERS), list(cfg.DISTILLER.TEACHERS_WEIGHTS)
+    if not names:
+        if paths:
+            raise UserError("DISTILLER.TEACHERS_WEIGHTS is set but DISTILLER.TEACHERS is empty; "
+                            "a single teacher's checkpoint goes in DISTILLER.TEACHER_WEIGHTS")
+        return [cfg]
+    if not all(isinstance(item, str) and item for item in names):
+        raise UserError(f"DISTILLER.TEACHERS must list model names, got {names!r}")
+    paths = paths or [""] * len(names)
+    if len(paths) != len(names) or not all(isinstance(path, str) for path in paths):
+        raise UserError(f"DISTILLER.TEACHERS_WEIGHTS must give one path per teacher of "
+                        f"DISTILLER.TEACHERS ({len(names)}; \"\" for a teacher's default "
+                        f"checkpoint), got {paths!r}")
+    if cfg.DISTILLER.TEACHER_WEIGHTS:
+        raise UserError("DISTILLER.TEACHER_WEIGHTS is the single teacher's checkpoint; with "
+                        "DISTILLER.TEACHERS give one path per teacher in "
+                        "DISTILLER.TEACHERS_WEIGHTS")
+    if not 0 <= cfg.DISTILLER.FEATURE_TEACHER < len(names):
+        raise UserError(f"DISTILLER.FEATURE_TEACHER {cfg.DISTILLER.FEATURE_TEACHER} is not an "
+                        f"index into DISTILLER.TEACHERS (valid 0..{len(names) - 1})")
+    singles = []
+    for name, path in zip(names, paths):
+        single = cfg.clone()
+        single.defrost()
+        single.DISTILLER.TEACHER, single.DISTILLER.TEACHER_WEIGHTS = name, path
+        single.DISTILLER.TEACHERS, single.DISTILLER.TEACHERS_WEIGHTS = [], []
+        single.freeze()
+        singles.append(single)
+    return singles
+
+
+def build_teachers(cfg, data, load_weights=True):
+    """The teacher, or with DISTILLER.TEACHERS the list of teachers, each built
+    and loaded as a single teacher is (its mistakes name it, by index and name).
+
+    Returns:
+        ``(model or list of models, where the weights came from)``.
+    """
+    if not cfg.DISTILLER.TEACHERS:
+        single_teacher_cfgs(cfg)
+        return build_teacher(cfg, data, load_weights)
+    teachers, sources = [], []
+    for index, single in enumerate(single_teacher_cfgs(cfg)):
+        name = single.DISTILLER.TEACHER
+        try:
+            teacher, source = build_teacher(single, data, load_weights)
+        except UserError as error:
+            message = str(error).replace("DISTILLER.TEACHER_WEIGHTS",
+                                         f"DISTILLER.TEACHERS_WEIGHTS[{index}]")
+            raise UserError(f"teacher {index} ({name}) of DISTILLER.TEACHERS: {message}") from None
+        teachers.append(teacher)
+        sources.append(f"{index} {name}: {source}")
+    return teachers, "; ".join(sources)
+
+
 @dataclass
 class Experiment:
     """Everything :class:`~mdistill.engine.trainer.Trainer` needs."""
@@ -136,13 +204,12 @@ def build_experiment(cfg, device=None, load_teacher_weights=True):
     student = build_model(cfg.DISTILLER.STUDENT, data.num_classes, dataset=cfg.DATASET.TYPE)
     teacher, source = None, ""
     if method.requires_teacher:
-        teacher = build_model(cfg.DISTILLER.TEACHER, data.num_classes, dataset=cfg.DATASET.TYPE)
-        if load_teacher_weights:
-            source = load_teacher(teacher, cfg)
+        teacher, source = build_teachers(cfg, data, load_teacher_weights)
     memory_format = torch.channels_last if cfg.SOLVER.CHANNELS_LAST else torch.contiguous_format
     student.to(device, memory_format=memory_format)
     if teacher is not None:
-        teacher.to(device, memory_format=memory_format)
+        for model in teacher if isinstance(teacher, list) else [teacher]:
+            model.to(device, memory_format=memory_format)
     distiller = build_distiller(cfg, student, teacher, data).to(device)
 
     options = dict(mean=data.mean, std=data.std, rank=rank, world_size=world_size,

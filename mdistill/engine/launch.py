@@ -197,10 +197,15 @@ def train(cfg_path=None, opts=(), resume=None):
         f"{sum(p.numel() for p in distiller.student.parameters()):,} parameters; method "
         f"{cfg.DISTILLER.TYPE} adds {distiller.get_extra_parameters():,}")
     if distiller.teacher is not None and saved_state is None:
-        result = evaluate(lambda image: distiller.teacher(image)[0], experiment.test_loader,
-                          experiment.device)
-        log(f"teacher {cfg.DISTILLER.TEACHER} ({experiment.teacher_source}): test top-1 "
-            f"{result['top1']:.2f} top-5 {result['top5']:.2f}")
+        names = list(cfg.DISTILLER.TEACHERS) or [cfg.DISTILLER.TEACHER]
+        if len(names) > 1:
+            log(f"teachers (DISTILLER.TEACHERS): {experiment.teacher_source}")
+        for name, teacher in zip(names, distiller.teacher_models()):
+            result = evaluate(lambda image, teacher=teacher: teacher(image)[0],
+                              experiment.test_loader, experiment.device)
+            source = f" ({experiment.teacher_source})" if len(names) == 1 else ""
+            log(f"teacher {name}{source}: test top-1 "
+                f"{result['top1']:.2f} top-5 {result['top5']:.2f}")
     if experiment.teacher_cache_note:
         log(experiment.teacher_cache_note)
 
