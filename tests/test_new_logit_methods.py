@@ -208,6 +208,33 @@ def test_logit_standardization_ignores_the_students_logit_range():
     assert on == pytest.approx(0, abs=1e-5) and off > 0.1
 
 
+def np_dkd(student, teacher, target, alpha, beta, temperature):
+    """Decoupled KD (Zhao et al. 2022): alpha TCKD + beta NCKD, batch mean, times T^2."""
+    total = 0.0
+    for s, t, y in zip(student, teacher, target):
+        p_s, p_t = np_softmax(s, temperature), np_softmax(t, temperature)
+        tckd = np_kl(np.array([p_t[y], 1 - p_t[y]]), np.array([p_s[y], 1 - p_s[y]]))
+        keep = [j for j in range(len(s)) if j != y]
+        nckd = np_kl(p_t[keep] / p_t[keep].sum(), p_s[keep] / p_s[keep].sum())
+        total += alpha * tckd + beta * nckd
+    return temperature ** 2 * total / len(student)
+
+
+def test_dkd_with_logit_standardization_matches_the_formula():
+    student, teacher, target = pair(seed=8)
+    distiller = build("DKD", student, teacher, ce_weight=1.0, alpha=9.0, beta=72.0,
+                      temperature=2.0, warmup=20, logit_stand=True)
+    distiller.on_epoch_start(10)                  # half-way through the warm-up
+    losses = run(distiller, 6, target)
+    expected = 0.5 * np_dkd(np_standardize(student), np_standardize(teacher), target, 9.0,
+                            72.0, 2.0)
+    assert losses["loss_kd"] == pytest.approx(expected, rel=1e-5)
+    plain = build("DKD", student, teacher, alpha=9.0, beta=72.0, temperature=2.0, warmup=20)
+    plain.on_epoch_start(10)
+    assert run(plain, 6, target)["loss_kd"] == pytest.approx(
+        0.5 * np_dkd(student, teacher, target, 9.0, 72.0, 2.0), rel=1e-5)
+
+
 # ---------------------------------------------------------------------- MLKD
 
 class TwoViews(nn.Module):

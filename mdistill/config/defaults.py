@@ -227,6 +227,10 @@ _C.DKD.BETA = 8.0
 _C.DKD.T = 4.0
 # The DKD loss ramps up linearly over this many epochs.
 _C.DKD.WARMUP = 20
+# Logit standardization (Sun et al. 2024): DKD on per-sample z-scores of the
+# logits; T is then the base temperature and ALPHA, BETA include the KD weight
+# (the authors multiply both by it, e.g. 9 and 9 * 8).
+_C.DKD.LOGIT_STAND = False
 
 # Knowledge review (Chen et al. 2021): attention-based fusion of the student's
 # levels, hierarchical context loss against the teacher's. Defaults fit

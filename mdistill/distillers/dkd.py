@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import DISTILLERS
-from .base import Distiller
+from .base import Distiller, standardize_logits
 
 
 def dkd_loss(student_logits, teacher_logits, target, alpha, beta, temperature):
@@ -55,13 +55,17 @@ class DKD(Distiller):
         alpha, beta: weights of the target-class and non-target-class terms.
         temperature: softmax temperature T.
         warmup: epochs over which the DKD term ramps up to full weight.
+        logit_stand: standardize both models' logits per sample first (Sun et al.
+            2024); ``temperature`` is then their base temperature and ``alpha``,
+            ``beta`` carry their KD weight (e.g. 9 and 9 * 8).
     """
 
     teacher_logits_only = True
 
     def __init__(self, student, teacher, ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0,
-                 warmup=20):
+                 warmup=20, logit_stand=False):
         super().__init__(student, teacher)
+        self.logit_stand = logit_stand
         self.ce_weight = ce_weight
         self.alpha = alpha
         self.beta = beta
@@ -71,12 +75,16 @@ class DKD(Distiller):
     @classmethod
     def from_config(cls, cfg, student, teacher, data_info=None):
         return cls(student, teacher, ce_weight=cfg.DKD.CE_WEIGHT, alpha=cfg.DKD.ALPHA,
-                   beta=cfg.DKD.BETA, temperature=cfg.DKD.T, warmup=cfg.DKD.WARMUP)
+                   beta=cfg.DKD.BETA, temperature=cfg.DKD.T, warmup=cfg.DKD.WARMUP,
+                   logit_stand=cfg.DKD.LOGIT_STAND)
 
     def forward_train(self, image, target, **batch):
         logits, _ = self.student(image)
         teacher_logits, _ = self.teacher_forward(image)
-        loss = dkd_loss(logits, teacher_logits, target, self.alpha, self.beta, self.temperature)
+        student_kd, teacher_kd = logits, teacher_logits
+        if self.logit_stand:
+            student_kd, teacher_kd = standardize_logits(logits), standardize_logits(teacher_logits)
+        loss = dkd_loss(student_kd, teacher_kd, target, self.alpha, self.beta, self.temperature)
         return logits, {
             "loss_ce": self.ce_weight * F.cross_entropy(logits.float(), target),
             "loss_kd": self.warmup_factor(self.warmup) * loss,
