@@ -191,7 +191,7 @@ def test_reviewkd_loss_compares_fused_levels_with_the_teachers_preacts(stu_preac
     teacher = [t.double().numpy() for t in teacher_feats["preact_feats"][1:]]
     teacher.append(teacher_feats["pooled_feat"].double().numpy()[:, :, None, None])
     expected = 5.0 * (4 / 20) * np_hcl([o.double().numpy() for o in outputs], teacher)
-    assert float(losses["loss_kd"]) == pytest.approx(expected, rel=1e-4)
+    assert float(losses["loss_kd"].detach()) == pytest.approx(expected, rel=1e-4)
 
 
 def test_reviewkd_lists_that_do_not_fit_the_models_name_the_key_and_the_fix():
@@ -288,7 +288,7 @@ def test_ofd_loss_on_pre_relu_maps_with_halving_stage_weights():
                              mapped.shape[2])       # the teacher's maps are 4x or 2x larger
             margin = distiller.margins()[index].double().numpy()
             expected += np_partial_l2(mapped, target, margin) / 2 ** (2 - index)
-    assert float(losses["loss_kd"]) == pytest.approx(0.01 * expected, rel=1e-4)
+    assert float(losses["loss_kd"].detach()) == pytest.approx(0.01 * expected, rel=1e-4)
 
 
 def test_ofd_margins_of_a_shufflenet_v2_teacher_cover_only_its_branch_channels():
