@@ -357,6 +357,15 @@ _C.MLKD.LOGIT_STAND = False
 # RandAugment ops applied to each image of the strong view.
 _C.MLKD.AUGMENT_OPS = 2
 
+# CC (Peng et al. 2019) as RepDistiller benchmarks it: linear embeddings of
+# both pooled features, products of neighbouring samples' embedding gaps.
+_C.CC = CN()
+# Width of the two embeddings.
+_C.CC.FEAT_DIM = 128
+_C.CC.LOSS = CN()
+_C.CC.LOSS.CE_WEIGHT = 1.0
+_C.CC.LOSS.FEAT_WEIGHT = 0.02
+
 
 def get_cfg():
     """Return a fresh, mutable copy of the defaults."""
