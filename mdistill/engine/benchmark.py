@@ -1,20 +1,47 @@
-"""Training throughput of a config: images/s, time per phase, peak memory.
+"""Training speed of a config against its bare models.
 
-It runs the real Trainer's step on an in-memory dataset of the config's
-image size (the same fast data path CIFAR-100 uses), with random teacher
-weights, for each AMP and channels_last setting asked for.
+Three measurements, each for any registered method and any dataset type:
+
+* :func:`benchmark_setting`: images/s of the real Trainer's step (loader,
+  forward, update, bookkeeping), its phases and peak memory, for one AMP,
+  memory-format and teacher-cache setting (``off``; ``cold``: an empty cache
+  that fills as it goes; ``warm``: every view already stored).
+* :func:`bare_images_per_sec`, measured in the same process on the same
+  objects: the method's own ``forward_train`` (live teacher), its update rule,
+  extra phases and state commits, on one fixed batch already on the device.
+  That is the method's loss on the method's own models with nothing else: no
+  loader, no trainer bookkeeping. It is the floor the pipeline is compared to,
+  and what a warm teacher cache can beat.
+* :func:`whole_run`: the wall time of a whole ``tools/train.py`` process
+  (start-up, data, evaluation, checkpoints) against the bare models' time for
+  the same number of training images.
+
+Data are a synthetic stand-in (DATASET.SYNTHETIC's image size and classes,
+with the config's model family and the in-memory loader CIFAR uses) or, with
+``data="real"``, the config's own dataset. Teachers have random weights.
 """
+import json
 import os
 import platform
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from datetime import date
 
 import torch
 
 from ..config import load_cfg
+from ..data import build_dataset
 from ..utils.dist import get_world_size
 from .builder import build_experiment, resolve_device
+from .checkpoint import save_checkpoint
 from .trainer import Trainer, peak_memory_mb
+from .update_rules import commit_step
+
+CACHE_MODES = ("off", "cold", "warm")
+DATA_MODES = ("synthetic", "real")
 
 
 def _sync(device):
@@ -41,25 +68,79 @@ def machine_description(device):
     return "; ".join(parts)
 
 
-def benchmark_setting(cfg_path, opts, amp, channels_last, iters, warmup, batch_size):
-    """Measure one (amp, channels_last) setting.
+def stand_in_data(cfg, num_train, num_test=64):
+    """Synthetic data of DATASET.SYNTHETIC's image size and number of classes."""
+    synthetic = cfg.DATASET.SYNTHETIC
+    return build_dataset("synthetic", None, num_train=num_train, num_test=num_test,
+                         num_classes=synthetic.NUM_CLASSES, image_size=synthetic.IMAGE_SIZE)
 
-    Returns:
-        dict with images_per_sec, data_ms, forward_ms, step_ms (per iteration),
-        peak_memory_mb, and the setting.
-    """
-    num_train = batch_size * (iters + max(5, iters // 3) + warmup)
+
+def build_trainer(cfg_path, opts, amp, channels_last, batch_size, num_train, data="synthetic",
+                  cache_folder=""):
+    """A Trainer (writing nothing) for one setting, at the start of epoch 1."""
     cfg = load_cfg(cfg_path, list(opts) + [
         "SOLVER.AMP", amp, "SOLVER.CHANNELS_LAST", str(channels_last),
-        "SOLVER.BATCH_SIZE", str(batch_size), "DATASET.TYPE", "synthetic",
-        "DATASET.SYNTHETIC.NUM_TRAIN", str(num_train), "DATASET.SYNTHETIC.NUM_TEST", "64"])
+        "SOLVER.BATCH_SIZE", str(batch_size), "DISTILLER.TEACHER_CACHE", cache_folder])
     device = resolve_device(cfg.DEVICE)
-    experiment = build_experiment(cfg, device=device, load_teacher_weights=False)
+    stand_in = stand_in_data(cfg, num_train) if data == "synthetic" else None
+    experiment = build_experiment(cfg, device=device, load_teacher_weights=False, data=stand_in)
     trainer = Trainer(experiment, run_dir=None, writer=None, log=lambda text: None)
-    trainer.distiller.train()
-    trainer.distiller.on_epoch_start(1)
-    loader = trainer.train_loader
+    trainer.start_epoch(1)
+    trainer.train_loader.set_epoch(1)
+    return trainer, experiment
+
+
+def fill_teacher_cache(trainer, batches):
+    """Store the teacher's logits of the first ``batches`` batches of epoch 1 (a warm
+    cache), then rewind the loader."""
+    loader, distiller = trainer.train_loader, trainer.distiller
+    with torch.no_grad(), trainer.autocast():
+        for _, batch in zip(range(batches), loader):
+            distiller.teacher_cache.logits(distiller.teacher, batch["image"], batch)
     loader.set_epoch(1)
+    distiller.teacher_cache.reset_counts()
+
+
+def benchmark_setting(cfg_path, opts, amp="none", channels_last=False, iters=30, warmup=5,
+                      batch_size=64, teacher_cache="off", data="synthetic", bare=True):
+    """Measure one setting.
+
+    Returns:
+        dict with images_per_sec, iter_ms, data_ms, forward_ms, step_ms (per
+        iteration), peak_memory_mb, the teacher cache's hit rate, the bare
+        models' images/s (unless ``bare`` is False), and the setting; or
+        ``{"skipped": reason}`` when the teacher cache cannot serve the config.
+    """
+    split_iters = max(min(5, iters), iters // 3)
+    batches = warmup + iters + split_iters
+    folder = tempfile.mkdtemp(prefix="mdistill-cache-") if teacher_cache != "off" else ""
+    try:
+        # At least 256 samples: CRD draws its negatives from the other samples.
+        trainer, experiment = build_trainer(cfg_path, opts, amp, channels_last, batch_size,
+                                            max(256, batch_size * (batches + 1)), data, folder)
+        cache = trainer.distiller.teacher_cache
+        if teacher_cache != "off" and cache is None:
+            return {"skipped": experiment.teacher_cache_note}
+        if len(trainer.train_loader) < batches:
+            raise ValueError(f"the training data have {len(trainer.train_loader)} batches of "
+                             f"{batch_size}; the benchmark needs {batches}")
+        if teacher_cache == "warm":
+            fill_teacher_cache(trainer, batches)
+        row, last_batch = _time_pipeline(trainer, iters, warmup, split_iters)
+        row.update(amp=amp, channels_last=channels_last, teacher_cache=teacher_cache,
+                   method=experiment.cfg.DISTILLER.TYPE, data=data)
+        if cache is not None:
+            row["hit_rate"] = cache.hits / max(cache.looked_up, 1)
+        if bare:
+            row["bare_images_per_sec"] = bare_images_per_sec(trainer, last_batch, iters, warmup)
+        return row
+    finally:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _time_pipeline(trainer, iters, warmup, split_iters):
+    device = trainer.device
     totals = {"data": 0.0, "forward": 0.0, "step": 0.0}
     marks = {}
 
@@ -67,7 +148,7 @@ def benchmark_setting(cfg_path, opts, amp, channels_last, iters, warmup, batch_s
         _sync(device)
         marks[phase] = time.perf_counter()
 
-    iterator = iter(loader)
+    iterator = iter(trainer.train_loader)
     # Warm-up (allocator, oneDNN/cuDNN kernel choice, compilation) is not counted.
     for _ in range(warmup):
         trainer.run_step(next(iterator))
@@ -75,8 +156,7 @@ def benchmark_setting(cfg_path, opts, amp, channels_last, iters, warmup, batch_s
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # End to end, as training runs: no synchronisation beyond the trainer's own.
-    start = time.perf_counter()
-    images = 0
+    start, images = time.perf_counter(), 0
     for _ in range(iters):
         batch = next(iterator)
         trainer.run_step(batch)
@@ -86,7 +166,6 @@ def benchmark_setting(cfg_path, opts, amp, channels_last, iters, warmup, batch_s
     # The split into phases needs a synchronisation at each boundary (which slows a GPU
     # that would otherwise run ahead), so it is timed separately, on fewer steps.
     trainer.phase_hook = hook
-    split_iters = max(5, iters // 3)
     for _ in range(split_iters):
         before = time.perf_counter()
         batch = next(iterator)
@@ -96,46 +175,29 @@ def benchmark_setting(cfg_path, opts, amp, channels_last, iters, warmup, batch_s
         totals["data"] += fetched - before
         totals["forward"] += marks["forward"] - fetched
         totals["step"] += marks["step"] - marks["forward"]
-    return {"amp": amp, "channels_last": channels_last,
-            "images_per_sec": images * get_world_size() / elapsed,
+    trainer.phase_hook = None
+    return {"images_per_sec": images * get_world_size() / elapsed,
             "iter_ms": 1000 * elapsed / iters,
             "data_ms": 1000 * totals["data"] / split_iters,
             "forward_ms": 1000 * totals["forward"] / split_iters,
             "step_ms": 1000 * totals["step"] / split_iters,
-            "peak_memory_mb": peak_memory_mb(device), "device": str(device)}
+            "peak_memory_mb": peak_memory_mb(device), "device": str(device)}, batch
 
 
-def bare_compute(cfg_path, opts, amp, channels_last, iters, warmup, batch_size):
-    """Images/s of the models alone: teacher forward without autograd, student
-    forward, KD loss, backward and an SGD step on a fixed tensor already on the
-    device. No data loading, no distiller, no trainer: the floor against which
-    the pipeline's overhead is measured."""
-    import torch.nn.functional as F
-    from ..distillers import kd_loss
-    from ..models import build_model
-    cfg = load_cfg(cfg_path, list(opts))
-    device = resolve_device(cfg.DEVICE)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    num_classes = cfg.DATASET.SYNTHETIC.NUM_CLASSES
-    student = build_model(cfg.DISTILLER.STUDENT, num_classes).to(device, memory_format=memory_format)
-    teacher = build_model(cfg.DISTILLER.TEACHER, num_classes).to(device, memory_format=memory_format)
-    teacher.eval().requires_grad_(False)
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    image = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=memory_format)
-    target = torch.randint(0, num_classes, (batch_size,), device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+def bare_images_per_sec(trainer, batch, iters, warmup):
+    """Images/s of the method's own step on one fixed ``batch`` (see the module
+    docstring): ``forward_train`` with the live teacher, the update rule, extra
+    phases and state commits."""
+    distiller, device = trainer.distiller, trainer.device
+    batch = dict(batch)
+    image, target = batch.pop("image"), batch.pop("target")
 
     def step():
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            with torch.no_grad():
-                teacher_logits = teacher(image)[0]
-            logits = student(image)[0]
-            loss = F.cross_entropy(logits.float(), target) + kd_loss(logits, teacher_logits, 4.0)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        with trainer.update_rule.forward_context(trainer.model), trainer.autocast():
+            _, losses = distiller.forward_train(image, target, **batch)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.update_rule.backward_and_step(losses, trainer.optimizer, trainer.scaler)
+        commit_step(distiller)
 
     for _ in range(warmup):
         step()
@@ -144,30 +206,82 @@ def bare_compute(cfg_path, opts, amp, channels_last, iters, warmup, batch_size):
     for _ in range(iters):
         step()
     _sync(device)
-    return batch_size * iters / (time.perf_counter() - start)
+    return target.numel() * iters * get_world_size() / (time.perf_counter() - start)
+
+
+def whole_run(cfg_path, opts, epochs=1, iters=20, warmup=3):
+    """Time ``tools/train.py`` for ``epochs`` epochs, start to exit, against the bare models.
+
+    The run uses the config and ``opts`` as given (its data, teacher cache, ...), a
+    random teacher saved to a temporary file unless DISTILLER.TEACHER_WEIGHTS names
+    one, and writes its folder under a temporary LOG.PREFIX.
+
+    Returns:
+        dict: wall_s (the whole process), loop_s (its training epochs), images,
+        bare_images_per_sec and bare_s (the images at the bare models' speed),
+        overhead (wall_s / bare_s - 1).
+    """
+    cfg = load_cfg(cfg_path, list(opts))
+    folder = tempfile.mkdtemp(prefix="mdistill-whole-run-")
+    try:
+        extra = ["SOLVER.EPOCHS", str(epochs), "LOG.PREFIX", folder, "EXPERIMENT.NAME", "run"]
+        experiment = build_experiment(cfg, load_teacher_weights=False)
+        if experiment.distiller.teacher is not None and not cfg.DISTILLER.TEACHER_WEIGHTS:
+            path = os.path.join(folder, "teacher.pth")
+            save_checkpoint({"model": experiment.distiller.teacher.state_dict()}, path)
+            extra += ["DISTILLER.TEACHER_WEIGHTS", path]
+        del experiment
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        command = [sys.executable, os.path.join(root, "tools", "train.py"), "--cfg", cfg_path,
+                   *opts, *extra]
+        start = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if result.returncode != 0:
+            raise RuntimeError(f"tools/train.py failed: {result.stderr.strip()[-2000:]}")
+        run_dir = os.path.join(folder, cfg.EXPERIMENT.PROJECT, "run")
+        with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
+            records = [json.loads(line) for line in handle]
+        with open(os.path.join(run_dir, "log.txt")) as handle:
+            log = handle.read()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    # The bare models at the run's own setting, on a batch of its data, live teacher.
+    trainer, _ = build_trainer(cfg_path, opts, cfg.SOLVER.AMP, cfg.SOLVER.CHANNELS_LAST,
+                               cfg.SOLVER.BATCH_SIZE, 0, "real")
+    bare = bare_images_per_sec(trainer, next(iter(trainer.train_loader)), iters, warmup)
+    images = sum(record["images_per_sec"] * record["epoch_time"] for record in records)
+    bare_s = images / bare
+    return {"wall_s": wall, "loop_s": sum(record["epoch_time"] for record in records),
+            "images": round(images), "bare_images_per_sec": bare, "bare_s": bare_s,
+            "overhead": wall / bare_s - 1, "epochs": epochs, "log": log}
 
 
 def format_rows(rows):
-    """A Markdown table of benchmark results."""
-    lines = ["| AMP | channels_last | images/s | bare models images/s | overhead | ms/iter | "
-             "data ms | forward ms | backward+step ms | peak memory MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """A Markdown table of :func:`benchmark_setting` results."""
+    lines = ["| method | AMP | channels_last | teacher cache | images/s | bare models images/s | "
+             "speed vs bare | ms/iter | data ms | forward ms | backward+step ms | "
+             "peak memory MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        bare = row.get("bare_images_per_sec")
-        overhead = f"{100 * (1 - row['images_per_sec'] / bare):+.1f}%" if bare else "-"
-        lines.append(f"| {row['amp']} | {'yes' if row['channels_last'] else 'no'} | "
-                     f"{row['images_per_sec']:.1f} | {f'{bare:.1f}' if bare else '-'} | "
-                     f"{overhead} | {row['iter_ms']:.1f} | {row['data_ms']:.2f} | "
-                     f"{row['forward_ms']:.1f} | {row['step_ms']:.1f} | "
+        speed, bare = row["images_per_sec"], row.get("bare_images_per_sec")
+        cache = row["teacher_cache"]
+        if "hit_rate" in row:
+            cache += f" ({100 * row['hit_rate']:.0f}% hits)"
+        lines.append(f"| {row['method']} | {row['amp']} | "
+                     f"{'yes' if row['channels_last'] else 'no'} | {cache} | {speed:.1f} | "
+                     f"{f'{bare:.1f}' if bare else '-'} | "
+                     f"{f'{speed / bare:.2f}x' if bare else '-'} | {row['iter_ms']:.1f} | "
+                     f"{row['data_ms']:.2f} | {row['forward_ms']:.1f} | {row['step_ms']:.1f} | "
                      f"{row['peak_memory_mb']:.0f} |")
     return "\n".join(lines)
 
 
-def report(cfg_path, opts, rows, device, batch_size, iters, warmup, command):
+def report(cfg_path, opts, rows, device, batch_size, iters, warmup, command, data="synthetic"):
     """The Markdown section appended to docs/benchmarks.md."""
     cfg = load_cfg(cfg_path, list(opts))
     return (f"\n### {cfg.DISTILLER.TYPE} {cfg.DISTILLER.TEACHER} -> {cfg.DISTILLER.STUDENT}, "
-            f"batch {batch_size}, {date.today().isoformat()}\n\n"
+            f"batch {batch_size}, {data} data, {date.today().isoformat()}\n\n"
             f"Machine: {machine_description(device)}  \n"
             f"Command: `{command}`  \n"
             f"{iters} timed iterations after {warmup} warm-up ones.\n\n{format_rows(rows)}\n")

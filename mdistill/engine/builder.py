@@ -184,9 +184,11 @@ class Experiment:
     teacher_cache_note: str = ""
 
 
-def build_experiment(cfg, device=None, load_teacher_weights=True):
+def build_experiment(cfg, device=None, load_teacher_weights=True, data=None):
     """Build data, models and the distiller from ``cfg``; writes nothing (but
     the teacher cache's file when DISTILLER.TEACHER_CACHE names a new one).
+    ``data`` (:class:`~mdistill.data.DatasetSplits`) replaces DATASET.TYPE's
+    data, e.g. a synthetic stand-in of its shape (the benchmark's).
 
     Every user mistake (names, paths, sizes) surfaces here as a UserError,
     before a run folder exists.
@@ -198,7 +200,8 @@ def build_experiment(cfg, device=None, load_teacher_weights=True):
     train_batch = per_process_batch(cfg.SOLVER.BATCH_SIZE, world_size)
     method = DISTILLERS.get(cfg.DISTILLER.TYPE)
     UPDATE_RULES.get(cfg.SOLVER.TRAINER)(cfg.SOLVER)     # a wrong rule or solver fails here
-    data = load_dataset_once_per_node(cfg)
+    if data is None:
+        data = load_dataset_once_per_node(cfg)
 
     torch.manual_seed(cfg.EXPERIMENT.SEED)
     student = build_model(cfg.DISTILLER.STUDENT, data.num_classes, dataset=cfg.DATASET.TYPE)
