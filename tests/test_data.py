@@ -117,7 +117,7 @@ def test_cifar100_missing_file(tmp_path):
 
 def test_unknown_dataset_and_option():
     with pytest.raises(UserError, match="cifar100"):
-        build_dataset("cifar10", "data")
+        build_dataset("cifar1000", "data")
     with pytest.raises(UserError, match="num_train"):
         build_dataset("digits", "data", num_train=10)
 

@@ -82,7 +82,7 @@ def test_config_mistakes(tmp_path, capsys, earlier_run, cifar_root, teacher_file
 @pytest.mark.parametrize("key,value,fragments", [
     ("DISTILLER.STUDENT", "resnet9", ["unknown CIFAR model 'resnet9'", "resnet8"]),
     ("DISTILLER.TYPE", "KDD", ["unknown distiller 'KDD'", "KD"]),
-    ("DATASET.TYPE", "cifar10", ["unknown dataset 'cifar10'", "cifar100"]),
+    ("DATASET.TYPE", "cifar1000", ["unknown dataset 'cifar1000'", "cifar100"]),
     ("SOLVER.TYPE", "LBFGS", ["SOLVER.TYPE", "'LBFGS'", "SGD"]),
     ("SOLVER.LR_SCHEDULER", "linear", ["SOLVER.LR_SCHEDULER", "multistep", "cosine"]),
     ("DEVICE", "cuda", ["DEVICE 'cuda'", "CUDA is not available"]),

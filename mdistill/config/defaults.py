@@ -20,12 +20,31 @@ _C.EXPERIMENT.SEED = 0
 
 # ------------------------------------------------------------------- dataset
 _C.DATASET = CN()
-# cifar100 | imagenet | digits | synthetic
+# cifar100 | cifar10 | mnist | fashion_mnist | kmnist | svhn | stl10 |
+# imagefolder | imagenet | digits | synthetic
 _C.DATASET.TYPE = "cifar100"
-# Folder holding cifar-100-python/ or imagenet/{train,val}.
+# Folder holding cifar-100-python/, imagenet/{train,val}, torchvision's layout of
+# the other sets (FashionMNIST/raw/, ...), or train/ and val/ for imagefolder.
 _C.DATASET.ROOT = "./data"
-# Download CIFAR-100 when its folder is missing.
+# Download the dataset (CIFAR, MNIST family, SVHN, STL-10) when its files are missing.
 _C.DATASET.DOWNLOAD = True
+# Network input side for imagefolder and torchvision's sets; 0: the data's own
+# (28 px padded to 32; imagefolder: the first image's side up to 32, else 224).
+_C.DATASET.IMAGE_SIZE = 0
+# Per-channel normalisation in [0, 1] units; empty: the training split's own
+# statistics (the published ones for CIFAR-100 and ImageNet).
+_C.DATASET.MEAN = []
+_C.DATASET.STD = []
+# Train on this many images of each class (0: all), a stratified seeded draw.
+_C.DATASET.TRAIN_PER_CLASS = 0
+# Or on this share of each class (1.0: all).
+_C.DATASET.TRAIN_FRACTION = 1.0
+# Seed of the training subset and of the validation split; the run's seed does
+# not change them, so runs of several seeds see the same images.
+_C.DATASET.SUBSET_SEED = 0
+# Share of each class of the training split held out for validation: the
+# "best" checkpoint is chosen on it, and the test set only reports (0: none).
+_C.DATASET.VAL_FRACTION = 0.0
 # DataLoader worker processes (folder datasets; in-memory ones need none).
 _C.DATASET.NUM_WORKERS = 2
 _C.DATASET.TEST = CN()
@@ -42,7 +61,8 @@ _C.DATASET.SYNTHETIC.IMAGE_SIZE = 32
 _C.DISTILLER = CN()
 # Method name in the DISTILLERS registry (NONE trains the student alone).
 _C.DISTILLER.TYPE = "NONE"
-# Model names (CIFAR or ImageNet family, picked by DATASET.TYPE).
+# Model names (CIFAR or ImageNet family, picked by DATASET.TYPE), or any
+# torchvision:<name> or timm:<name> classifier.
 _C.DISTILLER.TEACHER = "ResNet50"
 _C.DISTILLER.STUDENT = "resnet32"
 # Teacher checkpoint path; empty means mdistiller's layout
@@ -71,6 +91,18 @@ _C.DISTILLER.FEATURE_TEACHER = 0
 # teacher weights, training images, augmentation and precision, and may be
 # shared by concurrent runs (engine/teacher_cache.py).
 _C.DISTILLER.TEACHER_CACHE = ""
+# torchvision:/timm: teacher: the library's pretrained weights (from its local
+# cache, or downloaded), used when TEACHER_WEIGHTS is empty; the classifier is
+# new when the number of classes differs.
+_C.DISTILLER.TEACHER_PRETRAINED = False
+# The same for the student (e.g. to fine-tune a teacher with DISTILLER.TYPE NONE).
+_C.DISTILLER.STUDENT_PRETRAINED = False
+
+# ------------------------------------------------------------------- model
+_C.MODEL = CN()
+# torchvision:/timm: models: adapt the stem to 32 px inputs (first conv at
+# stride 1, no max-pool); zoo models are built for their family already.
+_C.MODEL.SMALL_INPUT = False
 
 # -------------------------------------------------------------------- solver
 _C.SOLVER = CN()

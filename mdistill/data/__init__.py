@@ -11,9 +11,10 @@ from .base import DatasetSplits, ImageTensorDataset
 from .cifar import write_cifar100
 from .contrastive import ContrastiveSampler
 from .loaders import DeviceLoader, TorchLoader, build_test_loader, build_train_loader
-from . import cifar, digits, imagenet, synthetic  # noqa: F401  (registration)
+from .subsets import apply_split_options
+from . import cifar, digits, folder, imagenet, synthetic, vision  # noqa: F401  (registration)
 
-__all__ = ["DATASETS", "ContrastiveSampler", "DatasetSplits", "DeviceLoader",
+__all__ = ["DATASETS", "ContrastiveSampler", "DatasetSplits", "DeviceLoader", "apply_split_options",
            "ImageTensorDataset", "TorchLoader", "build_dataset", "build_test_loader",
            "build_train_loader", "write_cifar100"]
 
@@ -22,7 +23,7 @@ def build_dataset(name, root, download=False, **options):
     """Build the dataset registered as ``name``.
 
     Args:
-        name: ``cifar100``, ``digits``, ``synthetic``, ``imagenet`` or any
+        name: ``cifar100``, ``fashion_mnist``, ``imagefolder``, ``digits``, ... any
             registered name.
         root: the data folder.
         download: fetch the data when it is missing (where possible).

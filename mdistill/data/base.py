@@ -23,6 +23,8 @@ class DatasetSplits:
         class_names: optional names of the classes, in label order.
         hflip: whether a horizontal flip is a valid augmentation (False for
             digits, whose mirror images are other or no digits).
+        val: a validation split held out from the training data
+            (DATASET.VAL_FRACTION), read like ``test``; None without one.
     """
 
     train: object
@@ -34,6 +36,7 @@ class DatasetSplits:
     image_size: int
     class_names: Optional[Tuple[str, ...]] = None
     hflip: bool = True
+    val: object = None
 
     @property
     def num_train(self):
@@ -110,3 +113,17 @@ def check_positive(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def download(what, url, root, filename, md5, extract=True):
+    """Fetch ``url`` into ``root`` with torchvision's helpers (checked against
+    ``md5``) and unpack it there, or raise a UserError saying what to do by hand."""
+    import os
+    from torchvision.datasets.utils import download_and_extract_archive, download_url
+    os.makedirs(root, exist_ok=True)
+    fetch = download_and_extract_archive if extract else download_url
+    try:
+        fetch(url, root, filename=filename, md5=md5)
+    except (OSError, RuntimeError) as error:   # URLError is an OSError; bad MD5 a RuntimeError
+        raise UserError(f"could not download {what} from {url} into {root} ({error}); "
+                        f"download it yourself and put it there") from None

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import UserError
 from ..registry import DATASETS
-from .base import DatasetSplits, ImageTensorDataset
+from .base import DatasetSplits, ImageTensorDataset, download
 
 FOLDER = "cifar-100-python"
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -74,8 +74,8 @@ def build_cifar100(root, download=False):
             raise UserError(f"CIFAR-100 folder {folder} is incomplete: {path} is missing; "
                             f"delete the folder to download it again")
     class_names = _read_meta(os.path.join(folder, "meta"))
-    train_images, train_labels = _read_split(os.path.join(folder, "train"))
-    test_images, test_labels = _read_split(os.path.join(folder, "test"))
+    train_images, train_labels = read_split(os.path.join(folder, "train"))
+    test_images, test_labels = read_split(os.path.join(folder, "test"))
     return DatasetSplits(
         train=ImageTensorDataset(train_images, train_labels),
         test=ImageTensorDataset(test_images, test_labels),
@@ -84,27 +84,21 @@ def build_cifar100(root, download=False):
 
 
 def _download(root):
-    from torchvision.datasets.utils import download_and_extract_archive
-    os.makedirs(root, exist_ok=True)
-    try:
-        download_and_extract_archive(URL, download_root=root, filename=ARCHIVE, md5=ARCHIVE_MD5)
-    except (OSError, RuntimeError) as error:   # URLError is an OSError; bad MD5 a RuntimeError
-        raise UserError(f"could not download CIFAR-100 from {URL} into {root} ({error}); "
-                        f"download it yourself and unpack it there") from None
+    download("CIFAR-100", URL, root, ARCHIVE, ARCHIVE_MD5)
 
 
-def _load_pickle(path):
+def load_pickle(path, what="CIFAR-100"):
     try:
         with open(path, "rb") as handle:
             return pickle.load(handle, encoding="latin1")
     except Exception as error:  # a damaged pickle can raise nearly anything
-        raise UserError(f"{path} is not a readable CIFAR-100 pickle "
+        raise UserError(f"{path} is not a readable {what} pickle "
                         f"({type(error).__name__}: {error}); delete the folder to download "
                         f"it again") from None
 
 
 def _read_meta(path):
-    entry = _load_pickle(path)
+    entry = load_pickle(path)
     names = entry.get("fine_label_names") if isinstance(entry, dict) else None
     if names is None or len(names) != NUM_CLASSES:
         raise UserError(f"{path} is not a CIFAR-100 meta file: it needs "
@@ -112,23 +106,24 @@ def _read_meta(path):
     return tuple(str(name) for name in names)
 
 
-def _read_split(path):
-    """``(uint8 [N, 3, 32, 32], LongTensor [N])`` from one split's pickle."""
-    entry = _load_pickle(path)
-    if not isinstance(entry, dict) or "data" not in entry or "fine_labels" not in entry:
-        raise UserError(f"{path} is not a CIFAR-100 pickle: it needs the keys "
-                        f"'data' and 'fine_labels'")
+def read_split(path, label_key="fine_labels", num_classes=NUM_CLASSES, what="CIFAR-100"):
+    """``(uint8 [N, 3, 32, 32], LongTensor [N])`` from one split's pickle
+    (CIFAR-10's batches keep their labels under ``labels``)."""
+    entry = load_pickle(path, what)
+    if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
+        raise UserError(f"{path} is not a {what} pickle: it needs the keys "
+                        f"'data' and '{label_key}'")
     data = np.asarray(entry["data"])
-    labels = np.asarray(entry["fine_labels"])
+    labels = np.asarray(entry[label_key])
     pixels = 3 * IMAGE_SIZE * IMAGE_SIZE
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != pixels:
         raise UserError(f"{path}: 'data' must be uint8 of shape (N, {pixels}), got "
                         f"{data.dtype} {data.shape}")
     if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
-        raise UserError(f"{path}: 'fine_labels' must be {data.shape[0]} integers, got "
+        raise UserError(f"{path}: '{label_key}' must be {data.shape[0]} integers, got "
                         f"{labels.dtype} {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise UserError(f"{path}: 'fine_labels' must lie in 0..{NUM_CLASSES - 1}, found "
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"{path}: '{label_key}' must lie in 0..{num_classes - 1}, found "
                         f"{labels.min()}..{labels.max()}")
     # Rows are channel-major: 1024 red, then 1024 green, then 1024 blue values.
     images = torch.from_numpy(np.require(data, requirements=["C", "W"]))

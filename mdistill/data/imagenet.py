@@ -22,16 +22,17 @@ class IndexedImageFolder(ImageFolder):
         return {"image": image, "target": target, "index": index}
 
 
-def imagenet_transforms(train):
+def imagenet_transforms(train, size=IMAGE_SIZE):
     """The standard ImageNet transforms, ending in a uint8 tensor.
 
     Normalisation happens on the device (the loader does it), so workers
-    send 4x fewer bytes than float tensors would need.
+    send 4x fewer bytes than float tensors would need. Evaluation resizes to
+    ``size * 256 / 224`` and crops the centre, the usual 0.875 ratio.
     """
     if train:
-        steps = [transforms.RandomResizedCrop(IMAGE_SIZE), transforms.RandomHorizontalFlip()]
+        steps = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
     else:
-        steps = [transforms.Resize(256), transforms.CenterCrop(IMAGE_SIZE)]
+        steps = [transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size)]
     return transforms.Compose(steps + [transforms.PILToTensor()])
 
 

@@ -77,7 +77,11 @@ class FitNet(Distiller):
         self.feat_weight = feat_weight
         student_hint = student_feats["feats"][hint_layer]
         teacher_hint = teacher_feats["feats"][hint_layer]
-        self.regressor = Regressor(tuple(student_hint.shape[1:]), tuple(teacher_hint.shape[1:]))
+        try:
+            self.regressor = Regressor(tuple(student_hint.shape[1:]),
+                                       tuple(teacher_hint.shape[1:]))
+        except UserError as error:      # name the stage: the models may be of two families
+            raise UserError(f"feature stage {hint_layer} (FITNET.HINT_LAYER): {error}") from None
         self.regressor.to(student_hint.device)
         with torch.no_grad():
             mapped = self.regressor.conv(student_hint).shape[1:]

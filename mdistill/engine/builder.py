@@ -1,13 +1,15 @@
 """From a config to the objects of one experiment: data, models, distiller."""
+import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..data import build_dataset, build_test_loader, build_train_loader
+from ..data import (DATASETS, apply_split_options, build_dataset, build_test_loader,
+                    build_train_loader)
 from ..distillers import DISTILLERS, build_distiller
 from ..errors import UserError
-from ..models import build_model
+from ..models import build_model, is_external
 from ..utils.dist import barrier, get_local_rank, get_rank, get_world_size
 from .checkpoint import extract_state_dict, load_checkpoint, load_model_weights
 from .teacher_cache import build_teacher_cache
@@ -45,7 +47,33 @@ def dataset_options(cfg):
         synthetic = cfg.DATASET.SYNTHETIC
         return {"num_train": synthetic.NUM_TRAIN, "num_test": synthetic.NUM_TEST,
                 "num_classes": synthetic.NUM_CLASSES, "image_size": synthetic.IMAGE_SIZE}
-    return {}
+    dataset = cfg.DATASET
+    for key in ("MEAN", "STD"):
+        values = dataset[key]
+        if values and (len(values) != 3 or (key == "STD" and min(values) <= 0)):
+            raise UserError(f"DATASET.{key} needs 3 values (one per channel), positive for "
+                            f"STD, got {list(values)}")
+    taken = inspect.signature(DATASETS.get(dataset.TYPE)).parameters
+    if dataset.IMAGE_SIZE and "image_size" not in taken:
+        raise UserError(f"DATASET.IMAGE_SIZE is not an option of dataset {dataset.TYPE!r} "
+                        f"(its images have a fixed size); set it to 0")
+    # Given statistics spare the datasets that measure their own a pass over the images.
+    options = {"image_size": dataset.IMAGE_SIZE, "mean": tuple(dataset.MEAN) or None,
+               "std": tuple(dataset.STD) or None, "num_workers": dataset.NUM_WORKERS}
+    return {name: value for name, value in options.items()
+            if name in taken and value not in (None, 0)}
+
+
+def build_configured_dataset(cfg, name=None, root=None):
+    """The dataset of ``cfg`` (or ``name`` under ``root``) with DATASET.MEAN and
+    DATASET.STD in place of its own statistics when they are given."""
+    data = build_dataset(name or cfg.DATASET.TYPE, root or cfg.DATASET.ROOT,
+                         cfg.DATASET.DOWNLOAD, **dataset_options(cfg))
+    if cfg.DATASET.MEAN:
+        data = replace(data, mean=tuple(cfg.DATASET.MEAN))
+    if cfg.DATASET.STD:
+        data = replace(data, std=tuple(cfg.DATASET.STD))
+    return data
 
 
 def load_dataset_once_per_node(cfg):
@@ -53,8 +81,10 @@ def load_dataset_once_per_node(cfg):
     first, so that one process per node downloads into that node's
     DATASET.ROOT, and the node's other processes read what it wrote."""
     def build():
-        return build_dataset(cfg.DATASET.TYPE, cfg.DATASET.ROOT, cfg.DATASET.DOWNLOAD,
-                             **dataset_options(cfg))
+        dataset = cfg.DATASET
+        return apply_split_options(build_configured_dataset(cfg), dataset.TRAIN_PER_CLASS,
+                                   dataset.TRAIN_FRACTION, dataset.VAL_FRACTION,
+                                   dataset.SUBSET_SEED)
     if get_world_size() == 1:
         return build()
     data = build() if get_local_rank() == 0 else None
@@ -79,9 +109,27 @@ def teacher_weights_path(cfg):
     return MDISTILLER_TEACHER.format(arch=cfg.DISTILLER.TEACHER)
 
 
+def model_options(cfg, data, role):
+    """What :func:`build_model` needs beyond the name for the teacher or the
+    student (``role``); torchvision and timm models read it, the zoo not."""
+    pretrained = cfg.DISTILLER[f"{role.upper()}_PRETRAINED"]
+    name = cfg.DISTILLER[role.upper()]
+    if pretrained and not is_external(name):
+        raise UserError(f"DISTILLER.{role.upper()}_PRETRAINED is for torchvision:<name> and "
+                        f"timm:<name> models, not {name!r}; set DISTILLER.TEACHER_WEIGHTS instead")
+    return {"image_size": data.image_size, "small_input": cfg.MODEL.SMALL_INPUT,
+            "pretrained": pretrained}
+
+
 def load_teacher(model, cfg):
     """Load the teacher's weights as DISTILLER.TEACHER_WEIGHTS says."""
     arch = cfg.DISTILLER.TEACHER
+    if is_external(arch) and not cfg.DISTILLER.TEACHER_WEIGHTS:
+        if cfg.DISTILLER.TEACHER_PRETRAINED:
+            return f"{arch.split(':')[0]}'s pretrained weights"
+        raise UserError(f"teacher {arch} has no weights: set DISTILLER.TEACHER_WEIGHTS to a "
+                        f"checkpoint (e.g. the student_best of a DISTILLER.TYPE NONE run of it) "
+                        f"or DISTILLER.TEACHER_PRETRAINED True")
     path = teacher_weights_path(cfg)
     if path is None:
         from ..models import torchvision_weights
@@ -104,7 +152,8 @@ def load_teacher(model, cfg):
 
 def build_teacher(cfg, data, load_weights=True):
     """The teacher DISTILLER.TEACHER names: ``(model, where its weights came from)``."""
-    teacher = build_model(cfg.DISTILLER.TEACHER, data.num_classes, dataset=cfg.DATASET.TYPE)
+    teacher = build_model(cfg.DISTILLER.TEACHER, data.num_classes, dataset=cfg.DATASET.TYPE,
+                          **model_options(cfg, data, "teacher"))
     return teacher, load_teacher(teacher, cfg) if load_weights else ""
 
 
@@ -182,6 +231,8 @@ class Experiment:
     teacher_source: str = ""
     #: Whether the teacher cache is on (and its file), or why not; empty if not asked for.
     teacher_cache_note: str = ""
+    #: Loader of the validation split (DATASET.VAL_FRACTION), or None.
+    val_loader: object = None
 
 
 def build_experiment(cfg, device=None, load_teacher_weights=True, data=None):
@@ -204,7 +255,8 @@ def build_experiment(cfg, device=None, load_teacher_weights=True, data=None):
         data = load_dataset_once_per_node(cfg)
 
     torch.manual_seed(cfg.EXPERIMENT.SEED)
-    student = build_model(cfg.DISTILLER.STUDENT, data.num_classes, dataset=cfg.DATASET.TYPE)
+    student = build_model(cfg.DISTILLER.STUDENT, data.num_classes, dataset=cfg.DATASET.TYPE,
+                          **model_options(cfg, data, "student"))
     teacher, source = None, ""
     if method.requires_teacher:
         teacher, source = build_teachers(cfg, data, load_teacher_weights)
@@ -223,8 +275,10 @@ def build_experiment(cfg, device=None, load_teacher_weights=True, data=None):
                                       extra_fields=distiller.extra_batch_fields(), **options)
     test_batch = max(1, cfg.DATASET.TEST.BATCH_SIZE // world_size)
     test_loader = build_test_loader(data.test, test_batch, device, **options)
+    val_loader = (build_test_loader(data.val, test_batch, device, **options)
+                  if data.val is not None else None)
     # Last: the cache's key needs the loaded teacher and the loader's augmentation.
     distiller.teacher_cache, cache_note = build_teacher_cache(cfg, distiller, data,
                                                               train_loader, device)
     return Experiment(cfg, device, data, distiller, train_loader, test_loader, source,
-                      cache_note)
+                      cache_note, val_loader=val_loader)

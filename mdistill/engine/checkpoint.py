@@ -97,7 +97,12 @@ def extract_state_dict(checkpoint, path="checkpoint"):
 
 def load_model_weights(model, state, arch, path):
     """Load ``state`` into ``model`` strictly, or raise a UserError naming the
-    architecture and the first mismatching keys."""
+    architecture and the first mismatching keys. A model with an
+    ``adapt_state_dict`` method (torchvision and timm wrappers) first maps
+    foreign key names to its own."""
+    adapt = getattr(model, "adapt_state_dict", None)
+    if callable(adapt):
+        state = adapt(state)
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]

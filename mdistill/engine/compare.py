@@ -92,6 +92,10 @@ class Run:
 
     @property
     def best_top1(self):
+        if all("val" in record for record in self.records):
+            # A validation split chose the best epoch: its test top-1 (the last of ties).
+            return max(reversed(self.records), key=lambda record: record["val"]["top1"])[
+                "test"]["top1"]
         return max(record["test"]["top1"] for record in self.records)
 
     @property

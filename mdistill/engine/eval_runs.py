@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from ..config import cfg_from_text, get_cfg, load_cfg
-from ..data import build_dataset, build_test_loader
+from ..data import build_test_loader
 from ..errors import UserError
 from ..models import build_model
-from .builder import dataset_options, resolve_device
+from .builder import build_configured_dataset, resolve_device
 from .checkpoint import extract_state_dict, load_checkpoint, load_model_weights
 from .evaluate import evaluate
 
@@ -89,12 +89,12 @@ def evaluate_checkpoints(patterns, model=None, dataset=None, cfg_path=None, data
             if target.cfg is None:
                 cfg = get_cfg()
                 cfg.DATASET.TYPE = target.dataset
-            data = build_dataset(target.dataset, root, cfg.DATASET.DOWNLOAD,
-                                 **dataset_options(cfg))
+            data = build_configured_dataset(cfg, target.dataset, root)
             loaders[key] = (data, build_test_loader(data.test, batch_size, device, mean=data.mean,
                                                     std=data.std, num_workers=cfg.DATASET.NUM_WORKERS))
         data, loader = loaders[key]
-        network = build_model(target.model, data.num_classes, dataset=target.dataset)
+        network = build_model(target.model, data.num_classes, dataset=target.dataset,
+                              image_size=data.image_size, small_input=cfg.MODEL.SMALL_INPUT)
         load_model_weights(network, extract_state_dict(checkpoint, path), target.model, path)
         network.to(device).eval()
         metrics = evaluate(lambda image: network(image)[0], loader, device)

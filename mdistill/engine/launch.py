@@ -229,7 +229,8 @@ def train(cfg_path=None, opts=(), resume=None):
     if history is None:
         raise RunStopped(trainer.stop_signal, run_dir)
     if trainer.history:
-        log(f"done: best test top-1 {trainer.best_acc:.2f}, last "
+        chosen_on = "validation" if "val" in trainer.history[-1] else "test"
+        log(f"done: best {chosen_on} top-1 {trainer.best_acc:.2f}, last test top-1 "
             f"{trainer.history[-1]['test']['top1']:.2f}; checkpoints in {run_dir}")
     return run_dir, history
 

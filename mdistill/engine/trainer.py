@@ -120,6 +120,9 @@ class Trainer:
         self.distiller = experiment.distiller
         self.train_loader = experiment.train_loader
         self.test_loader = experiment.test_loader
+        # With a validation split (DATASET.VAL_FRACTION) "best" is chosen on it;
+        # the test set is still evaluated every epoch, but only reported.
+        self.val_loader = getattr(experiment, "val_loader", None)
         self.run_dir = run_dir
         self.writer = writer
         self.log = log
@@ -219,8 +222,9 @@ class Trainer:
             self.train_loader.load_state_dict(state["loader"])
             self.mid_epoch = True
 
-    def save(self, epoch_complete, test=None):
-        """Write ``latest`` (and student_latest, best, epoch_N) atomically."""
+    def save(self, epoch_complete, test=None, val=None):
+        """Write ``latest`` (and student_latest, best, epoch_N) atomically; "best"
+        is chosen on ``val`` when there is a validation split, else on ``test``."""
         if not self.main or self.run_dir is None:
             return
         state = self.state_dict(epoch_complete)
@@ -230,9 +234,12 @@ class Trainer:
             return
         student = {"model": self.distiller.student.state_dict(), "epoch": self.epoch,
                    "test_acc": test["top1"] if test else None}
+        if val is not None:
+            student["val_acc"] = val["top1"]
         save_checkpoint(student, os.path.join(self.run_dir, "student_latest"))
         final_stage = self.stage_index == len(self.stages) - 1
-        if test is not None and final_stage and test["top1"] >= self.best_acc:
+        selected = val or test
+        if selected is not None and final_stage and selected["top1"] >= self.best_acc:
             save_checkpoint(state, os.path.join(self.run_dir, "best"))
             save_checkpoint(student, os.path.join(self.run_dir, "student_best"))
         if self.epoch % self.cfg.LOG.SAVE_CHECKPOINT_FREQ == 0:
@@ -266,6 +273,8 @@ class Trainer:
                 if not self.train_epoch():
                     return None
                 self.epoch += 1
+        if self.val_loader is not None and self.history:
+            self.log(selection_summary(self.history))
         if self.writer is not None:
             self.write_hparams()
         return self.history
@@ -348,9 +357,14 @@ class Trainer:
         train = self.meter.means()
         self.distiller.eval()
         test = evaluate(self.distiller.forward_test, self.test_loader, self.device, self.autocast)
+        val = None
+        if self.val_loader is not None:
+            val = evaluate(self.distiller.forward_test, self.val_loader, self.device,
+                           self.autocast)
         if self.stage_index == len(self.stages) - 1:    # "best" among the final stage's epochs
-            self.best_acc = max(self.best_acc, test["top1"])
+            self.best_acc = max(self.best_acc, (val or test)["top1"])
         record = {"epoch": epoch, "stage": stage.name, "lr": lr, "train": train, "test": test,
+                  **({"val": val} if val is not None else {}),
                   "best_top1": self.best_acc, "epoch_time": elapsed,
                   "images_per_sec": images * max(1, get_world_size()) / max(elapsed, 1e-9),
                   "peak_memory_mb": peak_memory_mb(self.device)}
@@ -361,7 +375,7 @@ class Trainer:
         self.log_epoch(record)
         if cache is not None:
             self.log(cache_line)
-        self.save(epoch_complete=True, test=test)
+        self.save(epoch_complete=True, test=test, val=val)
         return True
 
     def stop_requested(self):
@@ -436,7 +450,8 @@ class Trainer:
         self.log(f"epoch {record['epoch']}/{self.total_epochs}{stage} | lr {record['lr']:.4g} | "
                  f"train loss {train.get('loss', float('nan')):.4f} top1 {train['top1']:.2f} | "
                  f"test top1 {test['top1']:.2f} top5 {test['top5']:.2f} loss {test['loss']:.4f} | "
-                 f"best {record['best_top1']:.2f} | {record['epoch_time']:.1f}s "
+                 + (f"val top1 {record['val']['top1']:.2f} | " if "val" in record else "")
+                 + f"best {record['best_top1']:.2f} | {record['epoch_time']:.1f}s "
                  f"{record['images_per_sec']:.0f} img/s")
         if not self.main or self.run_dir is None:
             return
@@ -449,6 +464,8 @@ class Trainer:
             self.writer.add_scalar(f"train/epoch_{name}", value, step)
         for name in ("top1", "top5", "loss"):
             self.writer.add_scalar(f"test/{name}", test[name], step)
+            if "val" in record:
+                self.writer.add_scalar(f"val/{name}", record["val"][name], step)
         self.writer.add_scalar("test/best_top1", record["best_top1"], step)
         self.writer.add_scalar("train/epoch", record["epoch"], step)
         self.writer.add_scalar("train/stage", self.stage_index, step)
@@ -499,6 +516,17 @@ def _flat_params(node, prefix):
         else:
             flat[prefix + key] = value
     return flat
+
+
+def selection_summary(history):
+    """One line: the test top-1 of the final epoch and of the epoch chosen on the
+    validation split (the "best" checkpoint; the last of ties, as saved)."""
+    final = [record for record in history if record.get("stage") == history[-1].get("stage")]
+    best = max(reversed(final), key=lambda record: record["val"]["top1"])
+    last = history[-1]
+    return (f"test top1 of the final checkpoint (epoch {last['epoch']}): "
+            f"{last['test']['top1']:.2f}; of the best on validation (epoch {best['epoch']}, "
+            f"val top1 {best['val']['top1']:.2f}): {best['test']['top1']:.2f}")
 
 
 def peak_memory_mb(device):

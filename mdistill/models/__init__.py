@@ -14,9 +14,10 @@ Example::
 """
 from ..registry import CIFAR_MODELS, IMAGENET_MODELS
 from . import cifar, imagenet  # noqa: F401  (registration)
+from .external import build_external, is_external
 from .imagenet import torchvision_weights
 
-__all__ = ["build_model", "model_names", "torchvision_weights"]
+__all__ = ["build_model", "is_external", "model_names", "torchvision_weights"]
 
 
 def _registry(dataset):
@@ -24,14 +25,17 @@ def _registry(dataset):
     return IMAGENET_MODELS if dataset == "imagenet" else CIFAR_MODELS
 
 
-def build_model(name, num_classes, dataset="cifar100"):
+def build_model(name, num_classes, dataset="cifar100", **options):
     """Build a freshly initialised model.
 
     Args:
-        name: a registered name, e.g. ``"resnet32x4"`` or ``"wrn_40_2"``.
+        name: a registered name, e.g. ``"resnet32x4"`` or ``"wrn_40_2"``, or
+            ``"torchvision:<name>"`` / ``"timm:<name>"`` (see :mod:`.external`).
         num_classes: classifier outputs.
         dataset: ``"imagenet"`` selects the ImageNet family; any other dataset
             the 32x32 (CIFAR) family.
+        **options: for torchvision and timm models only (the zoo ignores them):
+            ``image_size``, ``small_input``, ``pretrained``.
 
     Returns:
         An ``nn.Module`` whose ``forward`` returns ``(logits, feats)``.
@@ -39,6 +43,8 @@ def build_model(name, num_classes, dataset="cifar100"):
     Raises:
         UserError: unknown name (the valid ones are listed, sorted).
     """
+    if is_external(name):
+        return build_external(name, num_classes, **options)
     return _registry(dataset).get(name)(num_classes=num_classes)
 
 

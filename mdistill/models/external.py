@@ -1,0 +1,320 @@
+"""torchvision and timm classifiers as teachers and students.
+
+``build_model("torchvision:resnet50", 10)`` or ``build_model("timm:convnext_tiny", 10)``
+returns a model with mdistill's contract: ``forward(x)`` gives ``(logits, feats)``
+with ``feats = {"feats": [...], "preact_feats": [...], "pooled_feat": ...}``, so
+logit methods (KD, DKD, ...) and feature methods (FitNet, AT, CRD, RKD, ...) pair
+it with any other model.
+
+``feats`` are the stage outputs, found per family:
+
+* torchvision, through ``create_feature_extractor``: ResNet/ResNeXt/Wide-ResNet
+  (the stem's ReLU, then ``layer1``-``layer4``), RegNet (stem, ``block1``-``block4``),
+  ShuffleNet V2 (``conv1``, ``stage2``-``stage4``), the models built on a
+  ``features`` sequence (VGG, MobileNet, EfficientNet, ConvNeXt, DenseNet, ...:
+  the last block at each spatial resolution) and the vision transformers (the
+  patch embedding, then the tokens of four evenly spaced encoder blocks
+  reshaped to maps, the class token left out);
+* timm, through ``forward_intermediates`` (its stage outputs; for a vision
+  transformer four evenly spaced blocks, tokens reshaped to maps by timm).
+
+``preact_feats`` repeat ``feats`` (the libraries expose no pre-activations).
+``pooled_feat`` is what the last linear layer reads. A model of another family
+still trains with logit methods; a feature method then stops with an error
+naming the model.
+
+The network's parameters live under ``network.``; :meth:`ExternalClassifier.adapt_state_dict`
+also accepts the library's own keys, so a checkpoint saved from a plain
+torchvision or timm model loads as DISTILLER.TEACHER_WEIGHTS.
+"""
+import difflib
+import math
+import os
+
+import torch
+from torch import nn
+
+from ..errors import UserError, unknown_choice
+from .common import feature_dict, global_pool
+
+PREFIXES = ("torchvision:", "timm:")
+#: Encoder blocks of a vision transformer whose tokens become ``feats``.
+VIT_STAGES = 4
+
+
+def is_external(name):
+    """Whether ``name`` is a ``torchvision:<name>`` or ``timm:<name>`` model."""
+    return str(name).startswith(PREFIXES)
+
+
+def build_external(name, num_classes, image_size=32, small_input=False, pretrained=False):
+    """Build a torchvision or timm classifier wrapped in mdistill's contract.
+
+    Args:
+        name: ``torchvision:<architecture>`` or ``timm:<architecture>``.
+        num_classes: classifier outputs.
+        image_size: the input side (vision transformers are built for it;
+            feature stages are probed at it).
+        small_input: adapt the stem to small (32 px) inputs: the first
+            convolution at stride 1 and the stem's max-pool removed.
+        pretrained: load the library's pretrained weights (all but a
+            classifier of another size), from its cache or downloaded.
+
+    Raises:
+        UserError: an unknown architecture (the closest names listed), timm not
+            installed, or pretrained weights that are neither cached nor downloadable.
+    """
+    library, arch = name.split(":", 1)
+    if library == "torchvision":
+        return TorchvisionClassifier(arch, num_classes, image_size, small_input, pretrained)
+    return TimmClassifier(arch, num_classes, image_size, small_input, pretrained)
+
+
+class MissingStages(dict):
+    """The ``feats`` of a model whose stage outputs are unknown: the pooled
+    feature is there, asking for the maps raises a UserError that says why."""
+
+    def __init__(self, pooled_feat, name):
+        super().__init__(pooled_feat=pooled_feat)
+        self.name = name
+
+    def __missing__(self, key):
+        raise UserError(f"{self.name} gives no stage feature maps ({key!r}), which this "
+                        f"method needs: use a logit method (KD, ...) or a model of a "
+                        f"supported family (see mdistill/models/external.py)")
+
+
+class ExternalClassifier(nn.Module):
+    """A library classifier (``self.network``) behind mdistill's forward contract."""
+
+    def __init__(self, name, network):
+        super().__init__()
+        self.name = name
+        self.network = network
+
+    def adapt_state_dict(self, state):
+        """Accept the library's own keys (without ``network.``) as well as ours."""
+        if state and not any(key.startswith("network.") for key in state):
+            return {f"network.{key}": value for key, value in state.items()}
+        return state
+
+    def extra_repr(self):
+        return self.name
+
+
+# -------------------------------------------------------------- torchvision
+class TorchvisionClassifier(ExternalClassifier):
+    """A ``torchvision.models`` classifier; stages through ``create_feature_extractor``."""
+
+    def __init__(self, arch, num_classes, image_size=32, small_input=False, pretrained=False):
+        import torchvision
+        from torchvision.models.feature_extraction import (create_feature_extractor,
+                                                           get_graph_node_names)
+        known = torchvision.models.list_models(module=torchvision.models)
+        if arch not in known:
+            raise unknown_choice("torchvision model", arch, known)
+        options = {}
+        if arch.startswith("vit_"):
+            options["image_size"] = image_size            # built for the input size
+        if arch in ("googlenet", "inception_v3"):
+            options.update(aux_logits=False, init_weights=True)   # one output
+        network = torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
+                                               **options)
+        if pretrained:
+            _load_pretrained_torchvision(network, arch)
+        if small_input and "image_size" not in options:
+            adapt_stem(network)
+        super().__init__(f"torchvision:{arch}", network)
+        nodes = get_graph_node_names(network)[1]
+        self.stage_nodes, self.token_stages = _torchvision_stages(network, nodes, image_size)
+        self.logits_node = nodes[-1]
+        linear = _last_linear_name(network)
+        self.pooled_node = nodes[-2] if linear is not None and nodes[-1] == linear else None
+        returned = {node: node for node in self.stage_nodes}
+        returned[self.logits_node] = self.logits_node
+        if self.pooled_node is not None:
+            returned[self.pooled_node] = self.pooled_node
+        # Shares the network's modules (and so its parameters); kept out of the
+        # module tree so that the state dict holds each weight once.
+        self.__dict__["extractor"] = create_feature_extractor(network, return_nodes=returned)
+
+    def forward(self, x):
+        extractor = self.__dict__["extractor"]
+        if extractor.training != self.training:
+            extractor.train(self.training)
+        outputs = extractor(x)
+        maps = [_tokens_to_map(outputs[node]) if node in self.token_stages else outputs[node]
+                for node in self.stage_nodes]
+        logits = outputs[self.logits_node]
+        if self.pooled_node is not None:
+            pooled = outputs[self.pooled_node].flatten(1)
+        else:
+            pooled = global_pool(maps[-1]) if maps else logits
+        if not maps:
+            return logits, MissingStages(pooled, self.name)
+        return logits, feature_dict(maps, list(maps), pooled)
+
+
+def _torchvision_stages(network, nodes, image_size):
+    """``(stage node names, the ones holding tokens)`` for a torchvision network."""
+    names = set(dict(network.named_modules()))
+    if {"layer4", "relu", "conv1"} <= names:                       # ResNet family
+        return ["relu", "layer1", "layer2", "layer3", "layer4"], set()
+    if "trunk_output" in names:                                    # RegNet
+        return ["stem"] + [f"trunk_output.block{index}" for index in range(1, 5)], set()
+    if "stage2" in names and "conv1" in names:                     # ShuffleNet V2
+        return ["conv1", "stage2", "stage3", "stage4"], set()
+    if "conv_proj" in names and "encoder.layers" in names:         # vision transformer
+        depth = len(network.encoder.layers)
+        blocks = [f"encoder.layers.encoder_layer_{index}"
+                  for index in _evenly_spaced(depth, VIT_STAGES)]
+        return ["conv_proj"] + blocks, set(blocks)
+    for container in ("features", "layers"):
+        sequence = getattr(network, container, None)
+        if isinstance(sequence, nn.Sequential) and any(node.startswith(f"{container}.")
+                                                       for node in nodes):
+            return _last_block_per_resolution(network, container, image_size), set()
+    return [], set()
+
+
+def _evenly_spaced(depth, count):
+    """``count`` block indices spread over ``depth`` blocks, the last one included."""
+    count = min(count, depth)
+    return sorted({math.ceil(depth * (index + 1) / count) - 1 for index in range(count)})
+
+
+@torch.no_grad()
+def _last_block_per_resolution(network, container, image_size):
+    """Children of ``network.<container>`` that end a spatial resolution."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    children = [f"{container}.{name}" for name, _ in getattr(network, container).named_children()]
+    probe = create_feature_extractor(network, return_nodes={name: name for name in children})
+    was_training = network.training
+    probe.eval()
+    try:
+        outputs = probe(torch.zeros(2, 3, image_size, image_size))
+    finally:
+        network.train(was_training)
+    stages = []
+    for index, name in enumerate(children):
+        output = outputs[name]
+        if output.dim() != 4:
+            continue
+        following = outputs[children[index + 1]] if index + 1 < len(children) else None
+        if following is None or following.dim() != 4 or following.shape[2:] != output.shape[2:]:
+            stages.append(name)
+    return stages
+
+
+def _tokens_to_map(tokens):
+    """``[N, 1 + h*w, D]`` transformer tokens -> ``[N, D, h, w]``, the class token dropped."""
+    patches = tokens[:, 1:, :]
+    side = math.isqrt(patches.shape[1])
+    return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+
+
+def _last_linear_name(network):
+    names = [name for name, module in network.named_modules() if isinstance(module, nn.Linear)]
+    return names[-1] if names else None
+
+
+def _load_pretrained_torchvision(network, arch):
+    import torchvision
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as error:  # noqa: BLE001  (no network: URLError, OSError, ...)
+        raise UserError(f"torchvision's pretrained weights for {arch} are not in the local "
+                        f"cache ({cached}) and could not be downloaded ({error}); copy "
+                        f"{os.path.basename(weights.url)} there, or set DISTILLER.TEACHER_WEIGHTS "
+                        f"to a checkpoint") from None
+    load_except_classifier(network, state, f"torchvision:{arch}")
+
+
+def load_except_classifier(network, state, name):
+    """Load pretrained ``state`` into ``network``; only the last linear layer may
+    differ in shape (a new classifier for another number of classes)."""
+    own = network.state_dict()
+    classifier = _last_linear_name(network)
+    mismatched = [key for key, value in state.items()
+                  if key in own and tuple(value.shape) != tuple(own[key].shape)]
+    missing = [key for key in own if key not in state]
+    bad = [key for key in mismatched + missing
+           if classifier is None or not key.startswith(f"{classifier}.")]
+    if bad:
+        key = bad[0]
+        shape = tuple(state[key].shape) if key in state else "absent"
+        raise UserError(f"pretrained weights of {name} do not fit the model built here: "
+                        f"{key} is {shape} in the weights, {tuple(own[key].shape)} in the "
+                        f"model (was the input size changed?)")
+    network.load_state_dict({key: value for key, value in state.items()
+                             if key in own and key not in mismatched}, strict=False)
+
+
+def adapt_stem(network):
+    """Adapt a network to 32 px inputs in place: its first convolution strides
+    by 1 (the kernel and its weights kept) and a max-pool before the second
+    convolution (the stem's) becomes an identity."""
+    convolutions = 0
+    for name, module in list(network.named_modules()):
+        if isinstance(module, nn.Conv2d):
+            convolutions += 1
+            if convolutions == 1:
+                module.stride = (1, 1)
+            else:
+                return
+        elif isinstance(module, nn.MaxPool2d) and convolutions == 1:
+            parent_name, _, child = name.rpartition(".")
+            parent = network.get_submodule(parent_name) if parent_name else network
+            setattr(parent, child, nn.Identity())
+
+
+# --------------------------------------------------------------------- timm
+class TimmClassifier(ExternalClassifier):
+    """A timm classifier; stages through ``forward_intermediates``."""
+
+    def __init__(self, arch, num_classes, image_size=32, small_input=False, pretrained=False):
+        try:
+            import timm
+        except ImportError:
+            raise UserError(f"timm:{arch} needs timm: pip install -e \".[timm]\" "
+                            f"(or pip install timm)") from None
+        known = timm.list_models()
+        if arch not in known and arch.split(".")[0] not in known:
+            close = difflib.get_close_matches(arch, known, n=5)
+            raise UserError(f"unknown timm model {arch!r}; closest: {', '.join(close) or 'none'} "
+                            f"(timm.list_models() lists all {len(known)})")
+        options = {"num_classes": num_classes}
+        probe = timm.create_model(arch, pretrained=False, **options)
+        transformer = hasattr(probe, "patch_embed") and hasattr(probe, "blocks")
+        if transformer and tuple(getattr(probe.patch_embed, "img_size", ())) != (image_size,) * 2:
+            options["img_size"] = image_size
+        if pretrained:
+            try:
+                network = timm.create_model(arch, pretrained=True, **options)
+            except Exception as error:  # noqa: BLE001  (hub errors come in many kinds)
+                raise UserError(f"timm's pretrained weights for {arch} are not in the local "
+                                f"cache and could not be downloaded ({type(error).__name__}: "
+                                f"{str(error).splitlines()[0] if str(error) else ''}); set "
+                                f"DISTILLER.TEACHER_WEIGHTS to a checkpoint instead") from None
+        else:
+            network = timm.create_model(arch, **options) if "img_size" in options else probe
+        if small_input and not transformer:
+            adapt_stem(network)
+        super().__init__(f"timm:{arch}", network)
+        self.indices = (_evenly_spaced(len(network.blocks), VIT_STAGES) if transformer
+                        else None)
+        self.has_stages = callable(getattr(network, "forward_intermediates", None))
+
+    def forward(self, x):
+        network = self.network
+        if self.has_stages:
+            final, maps = network.forward_intermediates(x, indices=self.indices)
+        else:
+            final, maps = network.forward_features(x), []
+        logits = network.forward_head(final)
+        pooled = network.forward_head(final, pre_logits=True).flatten(1)
+        if not maps:
+            return logits, MissingStages(pooled, self.name)
+        return logits, feature_dict(list(maps), list(maps), pooled)
