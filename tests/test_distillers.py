@@ -30,9 +30,9 @@ def make_trainer(method, cifar_root, teacher_file, run_dir, *extra):
     return Trainer(experiment, str(run_dir), log=lambda text: None)
 
 
-def two_steps(trainer):
-    trainer.distiller.train()
-    trainer.distiller.on_epoch_start(1)
+def two_steps(trainer, stage=0):
+    """Two training steps at the start of the method's ``stage`` (an index into its stages)."""
+    trainer.start_epoch(1 + sum(previous.epochs for previous in trainer.stages[:stage]))
     trainer.train_loader.set_epoch(1)
     values = []
     for _, batch in zip(range(2), trainer.train_loader):
@@ -46,13 +46,21 @@ def test_two_steps_through_the_trainer(method, cifar_root, teacher_file, tmp_pat
     distiller = trainer.distiller
     teacher_before = ({k: v.clone() for k, v in distiller.teacher.state_dict().items()}
                       if distiller.teacher is not None else {})
-    values = two_steps(trainer)
-    assert all(v is not None and all(map(torch.isfinite, map(torch.tensor, v.values())))
-               for v in values)
-    # Gradients reach the student and every module the method trains ...
+    for index, stage in enumerate(trainer.stages):     # one for most methods
+        distiller.zero_grad(set_to_none=True)
+        values = two_steps(trainer, index)
+        assert all(v is not None and all(map(torch.isfinite, map(torch.tensor, v.values())))
+                   for v in values)
+        # Gradients reach every module the stage trains, and no parameter it leaves alone ...
+        trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+        for name, module in distiller.trainable_named_modules():
+            if any(id(p) in trained for p in module.parameters()):
+                assert any(p.grad is not None and p.grad.abs().sum() > 0
+                           for p in module.parameters()), (stage.name, name)
+        assert all(p.grad is None for p in distiller.get_learnable_parameters()
+                   if id(p) not in trained), stage.name
+    # ... the whole student in the last stage ...
     assert all(p.grad is not None for p in distiller.student.parameters())
-    for name, module in distiller.trainable_named_modules():
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), name
     for name in distiller.auxiliary_module_names():
         assert any(p.grad is not None for p in getattr(distiller, name).parameters()), name
     # ... and never the teacher, whose weights and BN statistics stay put, in eval mode.
@@ -76,7 +84,7 @@ def test_two_steps_through_the_trainer(method, cifar_root, teacher_file, tmp_pat
         loaded = fresh.aux_optimizers[name].state_dict()["state"]
         assert original and all(torch.equal(original[i]["exp_avg"], loaded[i]["exp_avg"])
                                 for i in original)
-    assert fresh.global_step == 2 and fresh.train_loader.position == 2
+    assert fresh.global_step == trainer.global_step and fresh.train_loader.position == 2
 
 
 CONFIGS = sorted(path for path in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"),

@@ -398,6 +398,36 @@ _C.CC.LOSS = CN()
 _C.CC.LOSS.CE_WEIGHT = 1.0
 _C.CC.LOSS.FEAT_WEIGHT = 0.02
 
+# RepDistiller's two-stage methods: an initialisation stage of INIT_EPOCHS
+# (RepDistiller's --init_epochs 30) at a constant learning rate, then
+# SOLVER.EPOCHS of distillation.
+# FSP (Yim et al. 2017): the init stage matches the teachers' FSP matrices
+# (stem and stages; equal channels needed), then cross-entropy alone.
+_C.FSP = CN()
+_C.FSP.INIT_EPOCHS = 30
+_C.FSP.LOSS = CN()
+_C.FSP.LOSS.CE_WEIGHT = 1.0
+# AB (Heo et al. 2019): the init stage trains the student and per-stage
+# connectors on the activation-boundary loss, then cross-entropy alone.
+_C.AB = CN()
+_C.AB.INIT_EPOCHS = 30
+# Margin of the boundary loss.
+_C.AB.MARGIN = 1.0
+_C.AB.LOSS = CN()
+_C.AB.LOSS.CE_WEIGHT = 1.0
+# FT (Kim et al. 2018): the init stage trains a paraphraser of the teacher's
+# last map, then the student and a translator learn its factors.
+_C.FT = CN()
+_C.FT.INIT_EPOCHS = 30
+# The init stage's learning rate: RepDistiller uses 0.01 for ResNet and WRN
+# students and SOLVER.LR for the others.
+_C.FT.INIT_LR = 0.01
+# The factors' share of the teacher's channels (k).
+_C.FT.RATE = 0.5
+_C.FT.LOSS = CN()
+_C.FT.LOSS.CE_WEIGHT = 1.0
+_C.FT.LOSS.FEAT_WEIGHT = 200.0
+
 
 def get_cfg():
     """Return a fresh, mutable copy of the defaults."""

@@ -3,7 +3,7 @@ from ..registry import DISTILLERS
 from .base import Distiller, kd_loss, probe_features
 from . import vanilla, kd, fitnet, at, rkd, crd, advkd  # noqa: F401  (registration)
 from . import dist, nkd, ctkd, mlkd  # noqa: F401  (registration: logit methods since DKD)
-from . import cc  # noqa: F401  (registration: RepDistiller's CC, FSP, AB, FT)
+from . import cc, fsp, ab, ft  # noqa: F401  (registration: RepDistiller's CC, FSP, AB, FT)
 from . import nst, pkt, sp, kdsvd, vid  # noqa: F401  (registration: mdistiller's feature methods)
 from . import dkd, reviewkd, ofd  # noqa: F401  (registration: DKD, ReviewKD, OFD)
 
