@@ -39,6 +39,16 @@ def teacher_file(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors: more only add overhead (and
+    contend on shared CPUs). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_opts(cifar_root, prefix, *extra):
     """Overrides for a fast CPU run on the tiny CIFAR folder."""
     return ["DATASET.ROOT", cifar_root, "DATASET.DOWNLOAD", "False", "DATASET.NUM_WORKERS", "0",
