@@ -163,3 +163,113 @@ def test_each_node_downloads_the_dataset_once_by_its_local_rank_0(tmp_path):
     lines = sorted((tmp_path / "downloads.txt").read_text().splitlines())
     # Global rank 1 is node 1's local rank 0; rank 2 only reads what it wrote.
     assert lines == ["node0 rank0", "node1 rank1"]
+
+
+def _logged_run_worker(rank, world, port, opts, run_dir, out_path):
+    """One epoch through the real Trainer writing its run folder; then whether every
+    process holds rank 0's BatchNorm statistics."""
+    _join(rank, world, port)
+    from mdistill.config import load_cfg
+    from mdistill.engine.builder import build_experiment
+    from mdistill.engine.trainer import Trainer
+    experiment = build_experiment(load_cfg(CONFIG, opts))
+    trainer = Trainer(experiment, run_dir=run_dir if rank == 0 else None,
+                      log=lambda text: None)
+    trainer.train()
+    same = [_gather_equal(buffer.detach().clone().float()) for buffer in trainer.forward_buffers]
+    if rank == 0:
+        with open(out_path, "w") as handle:
+            json.dump({"same": same}, handle)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_processes_log_the_accuracy_of_the_saved_student(cifar_root, teacher_file,
+                                                             tmp_path):
+    import subprocess
+    import sys
+    opts = tiny_opts(cifar_root, tmp_path, "DISTILLER.TEACHER", "resnet20", "DISTILLER.STUDENT",
+                     "resnet8", "DISTILLER.TEACHER_WEIGHTS", teacher_file, "SOLVER.EPOCHS", "1")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    from mdistill.config import load_cfg
+    (run_dir / "config.yaml").write_text(load_cfg(CONFIG, opts).dump())    # for eval.py
+    out = tmp_path / "result.json"
+    _spawn(_logged_run_worker, 2, opts, str(run_dir), str(out))
+    assert all(json.loads(out.read_text())["same"])
+    with open(run_dir / "metrics.jsonl") as handle:
+        (logged,) = [json.loads(line)["test"] for line in handle]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools/eval.py"),
+                             str(run_dir / "student_best"), "--device", "cpu", "--json",
+                             str(tmp_path / "eval.json")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads((tmp_path / "eval.json").read_text())
+    assert row["top1"] == logged["top1"]
+    # The loss tells BatchNorm statistics apart even where no prediction flips.
+    assert row["loss"] == pytest.approx(logged["loss"], rel=1e-5)
+
+
+STEPS, BATCH, NEGATIVES = 2, 16, 16
+
+
+def _fixed_batches(method):
+    generator = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(STEPS):
+        batch = {"image": torch.randn(BATCH, 3, 32, 32, generator=generator),
+                 "target": torch.randint(0, 100, (BATCH,), generator=generator)}
+        if method == "CRD":     # 160 training images in the fixture
+            batch["index"] = torch.randperm(160, generator=generator)[:BATCH]
+            negatives = torch.randint(0, 160, (BATCH, NEGATIVES), generator=generator)
+            batch["contrastive_index"] = torch.cat([batch["index"][:, None], negatives], 1)
+        batches.append(batch)
+    return batches
+
+
+def _train_share(opts, method, rank=0, world=1):
+    """Two steps on this process's share of fixed batches, the student's BatchNorm in
+    eval mode (per-process batch statistics differ from whole-batch ones by design).
+    Returns the student's parameters and the method's buffers, flattened."""
+    from mdistill.config import load_cfg
+    from mdistill.engine.builder import build_experiment
+    from mdistill.engine.trainer import Trainer
+    experiment = build_experiment(load_cfg(CONFIG, opts))
+    trainer = Trainer(experiment, run_dir=None, log=lambda text: None)
+    trainer.start_epoch(1)
+    distiller = experiment.distiller
+    distiller.student.eval()
+    for batch in _fixed_batches(method):
+        assert trainer.run_step({key: value[rank::world] for key, value in batch.items()})
+    tensors = list(distiller.student.parameters()) + [
+        buffer for name, buffer in distiller.named_buffers() if "memory" in name]
+    return torch.cat([tensor.detach().reshape(-1).float() for tensor in tensors])
+
+
+def _share_worker(rank, world, port, opts, method, out_path):
+    _join(rank, world, port)
+    state = _train_share(opts, method, rank, world)
+    if rank == 0:
+        torch.save(state, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("KD", []),
+    ("CRD", ["CRD.NCE.K", str(NEGATIVES), "CRD.FEAT.DIM", "16"]),
+])
+def test_two_processes_with_half_a_batch_take_the_step_of_one_process(
+        cifar_root, teacher_file, tmp_path, method, extra):
+    opts = tiny_opts(cifar_root, tmp_path, "DISTILLER.TYPE", method, "DISTILLER.TEACHER",
+                     "resnet20", "DISTILLER.STUDENT", "resnet8", "DISTILLER.TEACHER_WEIGHTS",
+                     teacher_file, "SOLVER.BATCH_SIZE", str(BATCH), "SOLVER.DETERMINISTIC",
+                     "True", *extra)
+    torch.set_num_threads(1)
+    single = _train_share(opts, method)
+    out = tmp_path / "two.pt"
+    _spawn(_share_worker, 2, opts, method, str(out))
+    double = torch.load(out, weights_only=True)
+    start = _train_share(opts + ["SOLVER.LR", "1e-12"], method)   # the steps moved the weights
+    assert (single - start).abs().max() > 1e-3
+    # A gradient summed over processes instead of averaged would be twice as large.
+    torch.testing.assert_close(double, single, rtol=1e-4, atol=1e-6)

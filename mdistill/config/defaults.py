@@ -150,6 +150,10 @@ _C.DEVICE = "auto"
 _C.LOG = CN()
 # Log per-iteration losses every this many steps.
 _C.LOG.TENSORBOARD_FREQ = 500
+# When stderr is not a terminal (SLURM, nohup, redirected logs) and so shows no
+# progress bar, print a progress line (step, loss, lr, images/s) every this many
+# steps; 0: never. Not in mdistiller (RepDistiller's --print_freq, default 100).
+_C.LOG.PRINT_FREQ = 100
 # Keep an epoch_<N> checkpoint every this many epochs.
 _C.LOG.SAVE_CHECKPOINT_FREQ = 40
 # Also write the resumable checkpoint every this many iterations (0: off).

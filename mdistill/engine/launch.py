@@ -16,7 +16,7 @@ from ..utils.dist import barrier, get_world_size, is_main_process
 from .builder import build_experiment
 from .checkpoint import load_checkpoint
 from .evaluate import evaluate
-from .trainer import Trainer
+from .trainer import Trainer, lr_factor, stage_at
 
 
 class RunStopped(Exception):
@@ -35,6 +35,48 @@ class RunStopped(Exception):
         self.run_dir = run_dir
         self.exit_code = 128 + (signum or signal.SIGTERM)
         super().__init__(f"stopped by signal {signum}; continue with --resume-from {run_dir}")
+
+
+# Keys a resumed run may change as long as the epochs it has run are not affected
+# (check_schedule_change); SOLVER.EPOCHS is one of RESUMABLE_KEYS.
+SCHEDULE_KEYS = ("SOLVER.LR_DECAY_STAGES",)
+
+
+def check_schedule_change(saved_cfg, cfg, distiller, reached):
+    """Refuse a resumed schedule that would rewrite the epochs already run.
+
+    The learning rate is a function of the epoch under the config a run is
+    resumed with (:func:`~mdistill.engine.trainer.lr_factor`), so from the
+    epoch it resumes at a longer cosine or a moved milestone is followed. What
+    cannot be honoured: fewer epochs than reached, a stage boundary moved
+    before it, or milestones that change the rate of an epoch already run.
+
+    Args:
+        saved_cfg, cfg: the run's config and the one it is resumed with.
+        distiller: the built distiller (its stages).
+        reached: the checkpoint's epoch (finished or in progress).
+
+    Raises:
+        UserError: one line naming the key.
+    """
+    old = distiller.stages(saved_cfg.SOLVER.EPOCHS)
+    new = distiller.stages(cfg.SOLVER.EPOCHS)
+    total = sum(stage.epochs for stage in new)
+    if reached > total:
+        raise UserError(f"--resume: SOLVER.EPOCHS {cfg.SOLVER.EPOCHS} gives {total} epochs but "
+                        f"the run has reached epoch {reached}; give at least {reached}")
+    for epoch in range(1, reached + 1):
+        where_old, where_new = stage_at(old, epoch), stage_at(new, epoch)
+        if where_old != where_new:
+            raise UserError(f"--resume: SOLVER.EPOCHS {cfg.SOLVER.EPOCHS} moves epoch {epoch}, "
+                            f"already run, to another stage; keep {saved_cfg.SOLVER.EPOCHS}")
+        stage, local = new[where_new[0]], where_new[1]
+        before = lr_factor(saved_cfg.SOLVER, local, stage.epochs, stage.schedule)
+        after = lr_factor(cfg.SOLVER, local, stage.epochs, stage.schedule)
+        if cfg.SOLVER.LR_SCHEDULER == "multistep" and before != after:
+            raise UserError(f"--resume: SOLVER.LR_DECAY_STAGES {list(cfg.SOLVER.LR_DECAY_STAGES)} "
+                            f"changes the learning rate of epoch {epoch}, already run; only "
+                            f"milestones after epoch {reached} can change")
 
 
 def init_distributed():
@@ -82,13 +124,14 @@ def find_run_to_resume(cfg, resume, opts=()):
             raise UserError(f"--resume {resume}: no checkpoint 'latest' in {folder or '.'}")
         return folder
     project = os.path.join(cfg.LOG.PREFIX, cfg.EXPERIMENT.PROJECT)
-    ignore = set(RESUMABLE_KEYS) | {"LOG.PREFIX", "EXPERIMENT.PROJECT"}
-    matches, closest = [], None
+    ignore = set(RESUMABLE_KEYS + SCHEDULE_KEYS) | {"LOG.PREFIX", "EXPERIMENT.PROJECT"}
+    matches, closest, unreadable = [], None, []
     for latest in glob.glob(os.path.join(glob.escape(project), "*", "latest")):
         folder = os.path.dirname(latest)
         try:
             saved = load_cfg(os.path.join(folder, "config.yaml"), warn_ignored=False)
-        except UserError:           # not a run folder, or one of an incompatible version
+        except UserError as error:  # no config.yaml, or one of an incompatible version
+            unreadable.append(f"{folder}: {error}")
             continue
         differences = config_differences(saved, cfg, ignore=ignore)
         if not differences:
@@ -104,9 +147,10 @@ def find_run_to_resume(cfg, resume, opts=()):
         raise UserError(f"--resume: no run to resume at {base}: the config differs from the "
                         f"closest run's ({folder}) in {shown}; resume with the run's own "
                         f"config (--resume-from {folder}) or start without --resume")
+    why = f"; unreadable: {unreadable[0]}" if unreadable else ""
     raise UserError(f"--resume: no run to resume at {base} (no run of this config with a "
-                    f"'latest' checkpoint under {project}); start it without --resume or give "
-                    f"the run folder")
+                    f"'latest' checkpoint under {project}{why}); start it without --resume or "
+                    f"give the run folder")
 
 
 def new_run_dir(cfg, opts):
@@ -170,12 +214,14 @@ def train(cfg_path=None, opts=(), resume=None):
         run_dir = run_dir or find_run_to_resume(cfg, resume, opts)
         saved_state = load_checkpoint(os.path.join(run_dir, "latest"))
         saved_cfg = load_cfg(os.path.join(run_dir, "config.yaml"), warn_ignored=False)
-        changed = config_differences(saved_cfg, cfg)
+        changed = config_differences(saved_cfg, cfg, ignore=RESUMABLE_KEYS + SCHEDULE_KEYS)
         if changed:
             raise UserError(f"--resume: the config differs from the run's in "
                             f"{', '.join(changed[:8])}; resume with the run's own config")
     seed_everything(cfg.EXPERIMENT.SEED, cfg.SOLVER.DETERMINISTIC)
     experiment = build_experiment(cfg)
+    if saved_state is not None:
+        check_schedule_change(saved_cfg, cfg, experiment.distiller, saved_state["epoch"])
     log = RunLog()
     if run_dir is None:
         run_dir = new_run_dir(cfg, opts)
@@ -209,13 +255,15 @@ def train(cfg_path=None, opts=(), resume=None):
     if experiment.teacher_cache_note:
         log(experiment.teacher_cache_note)
 
-    writer = None
+    writer = wandb_run = None
     if is_main_process():
         from torch.utils.tensorboard import SummaryWriter
+        if cfg.LOG.WANDB:
+            # Before the SummaryWriter: wandb's sync_tensorboard patches TensorBoard's
+            # writer when it starts, and a writer made earlier would go unseen.
+            wandb_run = _start_wandb(cfg, run_dir, log)
         purge = saved_state["global_step"] + 1 if saved_state else None
         writer = SummaryWriter(run_dir, purge_step=purge)
-        if cfg.LOG.WANDB:
-            _start_wandb(cfg, run_dir, log)
     trainer = Trainer(experiment, run_dir, writer=writer, log=log)
     if saved_state is not None:
         trainer.load_state_dict(saved_state)
@@ -225,6 +273,8 @@ def train(cfg_path=None, opts=(), resume=None):
     finally:
         if writer is not None:
             writer.close()
+        if wandb_run is not None:
+            wandb_run.finish()
     barrier()       # every process leaves together, after rank 0 has written its files
     if history is None:
         raise RunStopped(trainer.stop_signal, run_dir)
@@ -250,13 +300,14 @@ def _truncate_metrics(run_dir, state):
 
 
 def _start_wandb(cfg, run_dir, log):
+    """Start a wandb run that mirrors the TensorBoard scalars; None without wandb."""
     try:
         import wandb
     except ImportError:
         log("warning: LOG.WANDB is true but wandb is not installed; logging to TensorBoard only")
-        return
-    wandb.init(project=cfg.EXPERIMENT.PROJECT, name=os.path.basename(run_dir), dir=run_dir,
-               config=yaml_dict(cfg), sync_tensorboard=True)
+        return None
+    return wandb.init(project=cfg.EXPERIMENT.PROJECT, name=os.path.basename(run_dir),
+                      dir=run_dir, config=yaml_dict(cfg), sync_tensorboard=True)
 
 
 def yaml_dict(cfg):

@@ -13,7 +13,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import UserError
-from ..utils.dist import all_reduce_sum, get_world_size, is_distributed, is_main_process
+from ..utils.dist import (all_reduce_sum, broadcast_from_main, convert_sync_batchnorm,
+                          get_world_size, is_distributed, is_main_process)
 from .checkpoint import save_checkpoint
 from .evaluate import evaluate, topk_correct
 from .update_rules import UPDATE_RULES, commit_step
@@ -39,6 +40,15 @@ def lr_factor(solver, epoch, epochs, schedule=True):
     if solver.LR_SCHEDULER == "cosine":
         return (1 + math.cos(math.pi * (epoch - 1) / max(epochs, 1))) / 2
     return solver.LR_DECAY_RATE ** sum(epoch > stage for stage in solver.LR_DECAY_STAGES)
+
+
+def stage_at(stages, epoch):
+    """``(stage index, epoch within the stage)`` of a global 1-based epoch."""
+    start = 0
+    for index, stage in enumerate(stages):
+        if epoch <= start + stage.epochs or index == len(stages) - 1:
+            return index, epoch - start
+        start += stage.epochs
 
 
 def set_base_lr(optimizer, lr=None):
@@ -130,8 +140,11 @@ class Trainer:
         self.method = cfg.DISTILLER.TYPE.lower()
 
         if is_distributed() and cfg.SOLVER.SYNC_BN:
-            self.distiller.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
-                self.distiller.student)
+            if self.device.type != "cuda":
+                raise UserError("SOLVER.SYNC_BN needs CUDA devices (SyncBatchNorm does not run "
+                                "on the CPU); set it to False")
+            # Every BatchNorm the method trains: the student's and its own modules'.
+            convert_sync_batchnorm(self.distiller)
         self.update_rule = UPDATE_RULES.get(cfg.SOLVER.TRAINER)(cfg.SOLVER)
         # The method's stages (one "distill" stage for most): each has its own epochs,
         # parameters and optimizer; epochs are counted over all stages.
@@ -268,6 +281,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train(self):
         """Run the remaining epochs; returns the per-epoch history."""
+        if self.writer is not None:
+            self.write_hparams(finished=False)
         with self.stop_on_signals():
             while self.epoch <= self.total_epochs:
                 if not self.train_epoch():
@@ -282,11 +297,7 @@ class Trainer:
     # ---------------------------------------------------------------- stages
     def stage_at(self, epoch):
         """``(stage index, epoch within the stage)`` of a global 1-based epoch."""
-        start = 0
-        for index, stage in enumerate(self.stages):
-            if epoch <= start + stage.epochs or index == len(self.stages) - 1:
-                return index, epoch - start
-            start += stage.epochs
+        return stage_at(self.stages, epoch)
 
     def enter_stage(self, index):
         """Make stage ``index`` current: a fresh optimizer over its parameters."""
@@ -331,6 +342,7 @@ class Trainer:
                        desc=f"epoch {epoch}/{self.total_epochs}", leave=False,
                        dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
         start, images = time.perf_counter(), 0
+        print_every = cfg.LOG.PRINT_FREQ if self.main and bar is None else 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         for batch in self.train_loader:
@@ -341,6 +353,13 @@ class Trainer:
                 if self.meter.steps % 10 == 0:
                     means = self.meter.means()
                     bar.set_postfix(loss=f"{means['loss']:.3f}", top1=f"{means['top1']:.1f}")
+            elif values is not None and print_every and self.meter.steps % print_every == 0:
+                # No terminal, no bar (SLURM, nohup, run_table.sh logs): a line instead.
+                means, seconds = self.meter.means(), time.perf_counter() - start
+                self.log(f"epoch {epoch}/{self.total_epochs} step {self.meter.steps}/"
+                         f"{len(self.train_loader)} | loss {means['loss']:.4f} | lr "
+                         f"{self.optimizer.param_groups[0]['lr']:.4g} | "
+                         f"{images * get_world_size() / max(seconds, 1e-9):.0f} img/s")
             if self.stop_requested():
                 self.save(epoch_complete=False)
                 if bar is not None:
@@ -356,11 +375,14 @@ class Trainer:
         elapsed = time.perf_counter() - start
         train = self.meter.means()
         self.distiller.eval()
-        test = evaluate(self.distiller.forward_test, self.test_loader, self.device, self.autocast)
+        # Every process evaluates the model rank 0 saves: its BatchNorm statistics (each
+        # process's last forward moved its own). In fp32 whatever SOLVER.AMP, as
+        # tools/eval.py evaluates a checkpoint, so the two report the same accuracy.
+        broadcast_from_main(self.forward_buffers)
+        test = evaluate(self.distiller.forward_test, self.test_loader, self.device)
         val = None
         if self.val_loader is not None:
-            val = evaluate(self.distiller.forward_test, self.val_loader, self.device,
-                           self.autocast)
+            val = evaluate(self.distiller.forward_test, self.val_loader, self.device)
         if self.stage_index == len(self.stages) - 1:    # "best" among the final stage's epochs
             self.best_acc = max(self.best_acc, (val or test)["top1"])
         record = {"epoch": epoch, "stage": stage.name, "lr": lr, "train": train, "test": test,
@@ -472,22 +494,32 @@ class Trainer:
         self.writer.add_scalar("perf/images_per_sec", record["images_per_sec"], step)
         self.writer.add_scalar("perf/epoch_time", record["epoch_time"], step)
         self.writer.add_scalar("perf/peak_memory_mb", record["peak_memory_mb"], step)
+        for name, value in self.hparam_metrics().items():
+            self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
-    def write_hparams(self):
-        """Write the TensorBoard HPARAMS entry: settings and final/best accuracy."""
-        from torch.utils.tensorboard.summary import hparams
-        if not self.history:
-            return
+    def hparam_metrics(self):
+        """The HPARAMS tab's metrics after the epochs so far."""
         last = self.history[-1]
-        metrics = {"hparam/best_top1": self.best_acc, "hparam/last_top1": last["test"]["top1"],
-                   "hparam/last_top5": last["test"]["top5"],
-                   "hparam/best_top5": max(r["test"]["top5"] for r in self.history)}
-        experiment, start, end = hparams(run_hparams(self.cfg), metrics)
-        for summary in (experiment, start, end):
+        return {"hparam/best_top1": self.best_acc, "hparam/last_top1": last["test"]["top1"],
+                "hparam/last_top5": last["test"]["top5"],
+                "hparam/best_top5": max(r["test"]["top5"] for r in self.history)}
+
+    def write_hparams(self, finished=True):
+        """Write the TensorBoard HPARAMS entry: the run's settings and its metrics.
+
+        Written when the run starts (``finished`` False: the session's start
+        only), so running and stopped runs are listed too, with the metrics of
+        their epochs so far; written again with the session's end when it
+        finishes. The metrics are scalars (``hparam/...``) written after every
+        epoch (:meth:`log_epoch`).
+        """
+        from torch.utils.tensorboard.summary import hparams
+        names = dict.fromkeys(("hparam/best_top1", "hparam/last_top1", "hparam/last_top5",
+                               "hparam/best_top5"), 0.0)
+        experiment, start, end = hparams(run_hparams(self.cfg), names)
+        for summary in (experiment, start, end) if finished else (experiment, start):
             self.writer.file_writer.add_summary(summary)
-        for name, value in metrics.items():
-            self.writer.add_scalar(name, value, self.global_step)
         self.writer.flush()
 
 

@@ -68,3 +68,36 @@ def average_gradients(parameters):
 def barrier():
     if is_distributed():
         dist.barrier()
+
+
+def broadcast_from_main(tensors):
+    """Overwrite ``tensors`` on every process with rank 0's values, in place.
+
+    Tensors of one dtype travel in one message. Used for BatchNorm running
+    statistics: each process's last forward moved its own, and the saved
+    model is rank 0's.
+    """
+    if not is_distributed():
+        return
+    by_dtype = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        flat = torch.cat([tensor.detach().reshape(-1) for tensor in group])
+        dist.broadcast(flat, src=0)
+        torch._foreach_copy_(group, [part.view_as(tensor) for part, tensor in
+                                     zip(flat.split([t.numel() for t in group]), group)])
+
+
+def convert_sync_batchnorm(module, skip=("teacher",)):
+    """Replace every BatchNorm under ``module`` by SyncBatchNorm, except in the
+    children whose names start with one of ``skip`` (a frozen teacher keeps its
+    own: it runs in eval mode and is never trained).
+
+    Returns:
+        ``module``, changed in place (its parameters and buffers are kept).
+    """
+    for name, child in list(module.named_children()):
+        if not name.startswith(tuple(skip)):
+            setattr(module, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    return module
