@@ -61,10 +61,11 @@ def main(argv):
                            warmup=args.warmup)
         result.pop("log")
         print(json.dumps(result))
-        print(f"whole run: {result['wall_s']:.1f} s for {result['images']} training images "
-              f"(training loop {result['loop_s']:.1f} s); bare models "
-              f"{result['bare_images_per_sec']:.1f} images/s = {result['bare_s']:.1f} s; "
-              f"overhead {100 * result['overhead']:+.1f}%", file=sys.stderr)
+        print(f"whole run: {result['wall_s']:.1f} s wall, {result['cpu_s']:.1f} s CPU for "
+              f"{result['images']} training images (training loop {result['loop_s']:.1f} s); "
+              f"bare models {result['bare_s']:.1f} s wall, {result['bare_cpu_s']:.1f} s CPU; "
+              f"overhead {100 * result['overhead']:+.1f}% wall, "
+              f"{100 * result['cpu_overhead']:+.1f}% CPU", file=sys.stderr)
         return 0
     if args.single:
         row = benchmark_setting(args.cfg, args.opts, args.amp[0], args.channels_last[0] == "on",

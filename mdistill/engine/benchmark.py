@@ -6,7 +6,7 @@ Three measurements, each for any registered method and any dataset type:
   forward, update, bookkeeping), its phases and peak memory, for one AMP,
   memory-format and teacher-cache setting (``off``; ``cold``: an empty cache
   that fills as it goes; ``warm``: every view already stored).
-* :func:`bare_images_per_sec`, measured in the same process on the same
+* :func:`bare_speed`, measured in the same process on the same
   objects: the method's own ``forward_train`` (live teacher), its update rule,
   extra phases and state commits, on one fixed batch already on the device.
   That is the method's loss on the method's own models with nothing else: no
@@ -19,10 +19,16 @@ Three measurements, each for any registered method and any dataset type:
 Data are a synthetic stand-in (DATASET.SYNTHETIC's image size and classes,
 with the config's model family and the in-memory loader CIFAR uses) or, with
 ``data="real"``, the config's own dataset. Teachers have random weights.
+
+Each measurement is given in wall time and in the process's CPU time. On a
+machine shared with other work, wall time measures the share of the processor
+the process got; CPU time (with one thread, which has no threads spinning at
+barriers) still measures the work.
 """
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -132,7 +138,8 @@ def benchmark_setting(cfg_path, opts, amp="none", channels_last=False, iters=30,
         if cache is not None:
             row["hit_rate"] = cache.hits / max(cache.looked_up, 1)
         if bare:
-            row["bare_images_per_sec"] = bare_images_per_sec(trainer, last_batch, iters, warmup)
+            row["bare_images_per_sec"], row["bare_cpu_ms"] = bare_speed(trainer, last_batch,
+                                                                        iters, warmup)
         return row
     finally:
         if folder:
@@ -156,13 +163,13 @@ def _time_pipeline(trainer, iters, warmup, split_iters):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # End to end, as training runs: no synchronisation beyond the trainer's own.
-    start, images = time.perf_counter(), 0
+    start, cpu_start, images = time.perf_counter(), time.process_time(), 0
     for _ in range(iters):
         batch = next(iterator)
         trainer.run_step(batch)
         images += batch["target"].numel()
     _sync(device)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     # The split into phases needs a synchronisation at each boundary (which slows a GPU
     # that would otherwise run ahead), so it is timed separately, on fewer steps.
     trainer.phase_hook = hook
@@ -177,17 +184,21 @@ def _time_pipeline(trainer, iters, warmup, split_iters):
         totals["step"] += marks["step"] - marks["forward"]
     trainer.phase_hook = None
     return {"images_per_sec": images * get_world_size() / elapsed,
-            "iter_ms": 1000 * elapsed / iters,
+            "iter_ms": 1000 * elapsed / iters, "cpu_ms": 1000 * cpu / iters,
             "data_ms": 1000 * totals["data"] / split_iters,
             "forward_ms": 1000 * totals["forward"] / split_iters,
             "step_ms": 1000 * totals["step"] / split_iters,
             "peak_memory_mb": peak_memory_mb(device), "device": str(device)}, batch
 
 
-def bare_images_per_sec(trainer, batch, iters, warmup):
-    """Images/s of the method's own step on one fixed ``batch`` (see the module
-    docstring): ``forward_train`` with the live teacher, the update rule, extra
-    phases and state commits."""
+def bare_speed(trainer, batch, iters, warmup):
+    """The method's own step on one fixed ``batch`` (see the module docstring):
+    ``forward_train`` with the live teacher, the update rule, extra phases and
+    state commits.
+
+    Returns:
+        ``(images per second of wall time, CPU milliseconds per step)``.
+    """
     distiller, device = trainer.distiller, trainer.device
     batch = dict(batch)
     image, target = batch.pop("image"), batch.pop("target")
@@ -202,11 +213,12 @@ def bare_images_per_sec(trainer, batch, iters, warmup):
     for _ in range(warmup):
         step()
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(iters):
         step()
     _sync(device)
-    return target.numel() * iters * get_world_size() / (time.perf_counter() - start)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return target.numel() * iters * get_world_size() / elapsed, 1000 * cpu / iters
 
 
 def whole_run(cfg_path, opts, epochs=1, iters=20, warmup=3):
@@ -217,9 +229,10 @@ def whole_run(cfg_path, opts, epochs=1, iters=20, warmup=3):
     one, and writes its folder under a temporary LOG.PREFIX.
 
     Returns:
-        dict: wall_s (the whole process), loop_s (its training epochs), images,
-        bare_images_per_sec and bare_s (the images at the bare models' speed),
-        overhead (wall_s / bare_s - 1).
+        dict: wall_s and cpu_s (the whole process), loop_s (its training epochs'
+        wall time), images, bare_images_per_sec, bare_s and bare_cpu_s (those
+        images at the bare models' speed), overhead (wall_s / bare_s - 1) and
+        cpu_overhead (cpu_s / bare_cpu_s - 1).
     """
     cfg = load_cfg(cfg_path, list(opts))
     folder = tempfile.mkdtemp(prefix="mdistill-whole-run-")
@@ -234,9 +247,11 @@ def whole_run(cfg_path, opts, epochs=1, iters=20, warmup=3):
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         command = [sys.executable, os.path.join(root, "tools", "train.py"), "--cfg", cfg_path,
                    *opts, *extra]
-        start = time.perf_counter()
+        start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         result = subprocess.run(command, capture_output=True, text=True)
         wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
         if result.returncode != 0:
             raise RuntimeError(f"tools/train.py failed: {result.stderr.strip()[-2000:]}")
         run_dir = os.path.join(folder, cfg.EXPERIMENT.PROJECT, "run")
@@ -249,30 +264,34 @@ def whole_run(cfg_path, opts, epochs=1, iters=20, warmup=3):
     # The bare models at the run's own setting, on a batch of its data, live teacher.
     trainer, _ = build_trainer(cfg_path, opts, cfg.SOLVER.AMP, cfg.SOLVER.CHANNELS_LAST,
                                cfg.SOLVER.BATCH_SIZE, 0, "real")
-    bare = bare_images_per_sec(trainer, next(iter(trainer.train_loader)), iters, warmup)
-    images = sum(record["images_per_sec"] * record["epoch_time"] for record in records)
+    batch = next(iter(trainer.train_loader))
+    bare, bare_cpu_ms = bare_speed(trainer, batch, iters, warmup)
+    images = round(sum(record["images_per_sec"] * record["epoch_time"] for record in records))
     bare_s = images / bare
-    return {"wall_s": wall, "loop_s": sum(record["epoch_time"] for record in records),
-            "images": round(images), "bare_images_per_sec": bare, "bare_s": bare_s,
-            "overhead": wall / bare_s - 1, "epochs": epochs, "log": log}
+    bare_cpu_s = bare_cpu_ms / 1000 * images / batch["target"].numel()
+    return {"wall_s": wall, "cpu_s": cpu, "loop_s": sum(r["epoch_time"] for r in records),
+            "images": images, "bare_images_per_sec": bare, "bare_s": bare_s,
+            "bare_cpu_s": bare_cpu_s, "overhead": wall / bare_s - 1,
+            "cpu_overhead": cpu / bare_cpu_s - 1, "epochs": epochs, "log": log}
 
 
 def format_rows(rows):
     """A Markdown table of :func:`benchmark_setting` results."""
-    lines = ["| method | AMP | channels_last | teacher cache | images/s | bare models images/s | "
-             "speed vs bare | ms/iter | data ms | forward ms | backward+step ms | "
-             "peak memory MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | AMP | channels_last | teacher cache | images/s | CPU ms/iter | "
+             "bare models images/s | bare CPU ms/iter | speed vs bare | data ms | forward ms | "
+             "backward+step ms | peak memory MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         speed, bare = row["images_per_sec"], row.get("bare_images_per_sec")
         cache = row["teacher_cache"]
         if "hit_rate" in row:
             cache += f" ({100 * row['hit_rate']:.0f}% hits)"
+        bare_columns = (f"{bare:.1f} | {row['bare_cpu_ms']:.0f} | {speed / bare:.2f}x"
+                        if bare else "- | - | -")
         lines.append(f"| {row['method']} | {row['amp']} | "
                      f"{'yes' if row['channels_last'] else 'no'} | {cache} | {speed:.1f} | "
-                     f"{f'{bare:.1f}' if bare else '-'} | "
-                     f"{f'{speed / bare:.2f}x' if bare else '-'} | {row['iter_ms']:.1f} | "
-                     f"{row['data_ms']:.2f} | {row['forward_ms']:.1f} | {row['step_ms']:.1f} | "
+                     f"{row['cpu_ms']:.0f} | {bare_columns} | {row['data_ms']:.2f} | "
+                     f"{row['forward_ms']:.1f} | {row['step_ms']:.1f} | "
                      f"{row['peak_memory_mb']:.0f} |")
     return "\n".join(lines)
 
