@@ -303,3 +303,17 @@ def test_a_timm_student_learns(cifar_root, tmp_path):
         trainer.run_step(batch)
     after = F.cross_entropy(trainer.distiller.student(batch["image"])[0], batch["target"])
     assert after < before
+
+
+def test_replaced_modules_are_traced_again():
+    """SyncBatchNorm's conversion (SOLVER.SYNC_BN) swaps the BatchNorm modules;
+    the trace follows at the next train()/eval()."""
+    model = build_model("torchvision:resnet18", 10, image_size=32, small_input=True).eval()
+    images = torch.randn(2, 3, 32, 32)
+    before = model(images)[0]
+    model.network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.network)
+    with torch.no_grad():
+        model.network.bn1.running_mean.fill_(5.0)     # only the new module sees this
+    model.eval()
+    assert isinstance(model.extractor().bn1, torch.nn.SyncBatchNorm)
+    assert not torch.allclose(model(images)[0], before)

@@ -108,8 +108,7 @@ class TorchvisionClassifier(ExternalClassifier):
 
     def __init__(self, arch, num_classes, image_size=32, small_input=False, pretrained=False):
         import torchvision
-        from torchvision.models.feature_extraction import (create_feature_extractor,
-                                                           get_graph_node_names)
+        from torchvision.models.feature_extraction import get_graph_node_names
         known = torchvision.models.list_models(module=torchvision.models)
         if arch not in known:
             raise unknown_choice("torchvision model", arch, known)
@@ -130,16 +129,35 @@ class TorchvisionClassifier(ExternalClassifier):
         self.logits_node = nodes[-1]
         linear = _last_linear_name(network)
         self.pooled_node = nodes[-2] if linear is not None and nodes[-1] == linear else None
-        returned = {node: node for node in self.stage_nodes}
-        returned[self.logits_node] = self.logits_node
+        self.returned = {node: node for node in self.stage_nodes}
+        self.returned[self.logits_node] = self.logits_node
         if self.pooled_node is not None:
-            returned[self.pooled_node] = self.pooled_node
-        # Shares the network's modules (and so its parameters); kept out of the
-        # module tree so that the state dict holds each weight once.
-        self.__dict__["extractor"] = create_feature_extractor(network, return_nodes=returned)
+            self.returned[self.pooled_node] = self.pooled_node
+
+    def extractor(self):
+        """The traced network that returns the stage, pooled and logit nodes.
+
+        It calls the network's own modules (so it shares their parameters) and
+        is kept out of the module tree, so the state dict holds each weight once.
+        """
+        from torchvision.models.feature_extraction import create_feature_extractor
+        built = self.__dict__.get("_extractor")
+        if built is None:
+            modules = tuple(map(id, self.network.modules()))
+            built = modules, create_feature_extractor(self.network, return_nodes=self.returned)
+            self.__dict__["_extractor"] = built
+        return built[1]
+
+    def train(self, mode=True):
+        """Also trace again when a module of the network was replaced since the
+        trace (SyncBatchNorm's conversion does), which the trace would not follow."""
+        built = self.__dict__.get("_extractor")
+        if built is not None and built[0] != tuple(map(id, self.network.modules())):
+            del self.__dict__["_extractor"]
+        return super().train(mode)
 
     def forward(self, x):
-        extractor = self.__dict__["extractor"]
+        extractor = self.extractor()
         if extractor.training != self.training:
             extractor.train(self.training)
         outputs = extractor(x)
