@@ -106,3 +106,32 @@ def test_lr_factor_follows_mdistiller_and_cosine():
     assert [lr_factor(Solver, e, 4) for e in (1, 2, 3, 4)] == \
         pytest.approx([1.0, 0.853553, 0.5, 0.146447], rel=1e-5)
     assert lr_factor(Solver, 7, 10, schedule=False) == 1.0
+
+
+def _ddp_stage_worker(rank, world, port, opts, out_path):
+    from test_distributed import _join
+    import torch.distributed as dist
+    _join(rank, world, port)
+    from mdistill.engine.launch import train
+    train(CONFIG, opts)
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        with open(out_path, "w") as handle:
+            handle.write("ok")
+
+
+def test_a_method_with_stages_trains_under_two_processes(cifar_root, teacher_file, tmp_path):
+    # FSP's init stage leaves the student's classifier without a gradient: DDP must
+    # be told that some parameters go unused, or the second step fails.
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+    opts = tiny_opts(cifar_root, tmp_path, "DISTILLER.TYPE", "FSP", "DISTILLER.TEACHER",
+                     "resnet20", "DISTILLER.STUDENT", "resnet8", "DISTILLER.TEACHER_WEIGHTS",
+                     teacher_file, "SOLVER.EPOCHS", "1", "FSP.INIT_EPOCHS", "1")
+    out = tmp_path / "done"
+    mp.start_processes(_ddp_stage_worker, args=(2, free_port(), opts, str(out)), nprocs=2,
+                       join=True, start_method="spawn")
+    assert out.read_text() == "ok"
+    records = [json.loads(line) for path in tmp_path.rglob("metrics.jsonl") for line in open(path)]
+    assert [record["stage"] for record in records] == ["init", "distill"]

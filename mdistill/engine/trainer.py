@@ -159,14 +159,17 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.SOLVER.AMP == "fp16")
         if cfg.SOLVER.COMPILE:
             self.distiller.student.compile()
-            if self.distiller.teacher is not None:
-                self.distiller.teacher.compile()
+            for teacher in self.distiller.teacher_models():
+                teacher.compile()
         self.model = self.distiller
         if is_distributed():
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 self.distiller, self.distiller.ddp_ignored_names())
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.distiller, device_ids=device_ids)
+            # A method with stages leaves some parameters without a gradient in some
+            # stage (the student's classifier while RepDistiller's init trains its layers).
+            self.model = DistributedDataParallel(self.distiller, device_ids=device_ids,
+                                                 find_unused_parameters=len(self.stages) > 1)
 
         self.epoch = 1              # the epoch in progress (1-based)
         self.global_step = 0        # optimizer steps taken
@@ -308,6 +311,8 @@ class Trainer:
                   else self.distiller.get_learnable_parameters())
         self.optimizer = self.update_rule.build_optimizer(params)
         set_base_lr(self.optimizer, stage.lr)
+        # Gradients a parameter outside the last stage's optimizer gathered go too.
+        self.distiller.zero_grad(set_to_none=True)
         self.stage_index = index
         self.distiller.on_stage_start(stage.name)
 
