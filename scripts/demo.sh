@@ -15,7 +15,8 @@ PYTHON=${PYTHON:-python}
 OUT=${OUT:-output/demo}
 if [ "${1:-}" = "--all" ]; then
   shift
-  METHODS=${METHODS:-"NONE KD FITNET AT RKD CRD ADVKD"}
+  # Every registered method (DOT is an update rule: add SOLVER.TRAINER dot to try it).
+  METHODS=${METHODS:-$("$PYTHON" -c "from mdistill.distillers import DISTILLERS; print(' '.join(DISTILLERS.names()))")}
   SEEDS=${SEEDS:-"0 1 2"}
 fi
 METHODS=${METHODS:-"NONE KD"}
