@@ -15,9 +15,9 @@ from conftest import ROOT, tiny_opts
 from mdistill.config import load_cfg
 from mdistill.engine.builder import build_experiment
 from mdistill.engine.launch import train
-from mdistill.engine.teacher_cache import (HEADER_BYTES, MIN_ROWS, TeacherCache,
-                                           build_teacher_cache, data_fingerprint,
-                                           teacher_fingerprint)
+from mdistill.data import DeviceLoader, ImageTensorDataset
+from mdistill.engine.teacher_cache import (HEADER_BYTES, TeacherCache, build_teacher_cache,
+                                           data_fingerprint, teacher_fingerprint)
 from mdistill.errors import UserError
 from mdistill.models import build_model
 
@@ -55,32 +55,34 @@ def test_cold_warm_and_partly_warm_caches_train_exactly_as_the_live_teacher(
                                           "DISTILLER.TEACHER_CACHE", cache)
     warm, warm_history, warm_log = run_kd(cifar_root, teacher_file, tmp_path, "warm",
                                           "DISTILLER.TEACHER_CACHE", cache)
-    # A few misses per batch: without padding to MIN_ROWS rows, their forwards would
-    # take the small-batch code paths and give other bits.
-    stored = forget_entries(cache, every=10)
+    # A couple of misses per epoch: computed alone, without the padding to a whole
+    # batch, their forward would take the small-batch code paths and give other bits.
+    stored = forget_entries(cache, every=100)
     partly, partly_history, _ = run_kd(cifar_root, teacher_file, tmp_path, "partly",
                                        "DISTILLER.TEACHER_CACHE", cache)
     for name, student in (("cold", cold), ("warm", warm), ("partly warm", partly)):
         assert live.keys() == student.keys()
         assert all(torch.equal(live[key], student[key]) for key in live), name
 
-    # The cold run computed every view once (160 samples x 2 epochs, a few repeats);
-    # the warm run never ran the teacher; the partly warm one ran it on the forgotten
-    # entries, padded to MIN_ROWS rows per batch.
+    # The cold run computed each epoch's views ahead (160 samples, 5 forwards of 32;
+    # a few views repeat in epoch 2), so no step missed; the warm run never ran the
+    # teacher; the partly warm one computed the forgotten entries in padded forwards.
     cold_stats = [record["teacher_cache"] for record in cold_history]
     assert cold_stats[0]["hits"] == 0 and cold_stats[0]["teacher_rows"] == 160
     assert cold_stats[1]["stored"] == stored and 300 <= stored <= 320
+    assert all(stats["step_misses"] == 0 and stats["step_views"] == 160
+               for stats in cold_stats)
     assert [record["teacher_cache"]["teacher_rows"] for record in warm_history] == [0, 0]
     assert all(record["teacher_cache"]["hit_rate"] == 1.0 for record in warm_history)
     partly_stats = [record["teacher_cache"] for record in partly_history]
-    misses = sum(stats["looked_up"] - stats["hits"] for stats in partly_stats)
-    assert misses == len(range(0, stored, 10))
-    assert misses <= sum(stats["teacher_rows"] for stats in partly_stats) <= 10 * MIN_ROWS + misses
-    assert partly_stats[-1]["stored"] == stored
+    assert sum(stats["computed"] for stats in partly_stats) == len(range(0, stored, 100))
+    assert sum(stats["teacher_rows"] for stats in partly_stats) in (32, 64)
+    assert partly_stats[-1]["stored"] == stored and partly_stats[-1]["step_misses"] == 0
 
     assert "teacher cache" not in live_log
     assert "teacher cache: on, " + cache in cold_log and "0 of 25,920 views stored" in cold_log
-    assert "teacher cache: 100.0% hits (160 of 160 views; teacher ran on 0 rows)" in warm_log
+    assert ("teacher cache: 100.0% hits (160 of the epoch's 160 views stored; the teacher ran "
+            "on 0 rows)") in warm_log
 
 
 def small_cache(folder, key=None, dtype=torch.float32):
@@ -88,32 +90,40 @@ def small_cache(folder, key=None, dtype=torch.float32):
                         num_classes=10, dtype=dtype)
 
 
-def views(index, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return {"index": torch.as_tensor(index),
-            "crop_offset": torch.randint(0, 9, (len(index), 2), generator=generator),
-            "flip": torch.randint(0, 2, (len(index),), generator=generator).bool()}
-
-
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
-def test_lookups_return_the_teachers_bits_for_hits_and_misses(tmp_path, amp):
+def test_prefilled_epochs_read_the_teachers_bits_and_a_miss_computes_the_batch(tmp_path, amp):
     torch.manual_seed(0)
     teacher = build_model("resnet8", 10).eval()
-    images = torch.randn(40, 3, 32, 32)
+    data = ImageTensorDataset(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8),
+                              torch.arange(40) % 10)
+    loader = DeviceLoader(data, 16, "cpu", mean=(0.5,) * 3, std=(0.25,) * 3, seed=3)
     cache = small_cache(tmp_path, dtype=amp or torch.float32)
-    first, second = views(range(0, 32), 1), views(range(8, 40), 2)
-    # The second batch shares 24 samples with the first, 12 of them in the same view.
-    second["crop_offset"][:12] = first["crop_offset"][8:20]
-    second["flip"][:12] = first["flip"][8:20]
-    with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32,
-                                         enabled=amp is not None):
-        for batch, hits in ((first, 0), (second, 12), (second, 32)):
-            image = images[batch["index"]]
-            expected = teacher(image)[0]
-            got = cache.logits(teacher, image, batch)
+
+    def autocast():
+        return torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None)
+
+    for epoch in (1, 2):
+        loader.set_epoch(epoch)
+        cache.prefill(teacher, loader, autocast)
+        # 40 views in forwards of 16 rows, the last one padded; epoch 2 repeats no view.
+        assert (cache.computed, cache.teacher_rows) == (40, 48)
+        for batch in loader:
+            planned = {key: batch[key] for key in ("index", "crop_offset", "flip")}
+            assert torch.equal(loader.render_views(**planned), batch["image"])
+            with torch.no_grad(), autocast():
+                got = cache.logits(teacher, batch["image"], batch)
+                expected = teacher(batch["image"])[0]
             assert got.dtype == expected.dtype and torch.equal(got, expected)
-            assert cache.hits == hits
-            cache.reset_counts()
+        assert cache.step_misses == 0 and cache.step_views == 40
+        cache.reset_counts()
+    # A batch with one view the file lacks is computed whole by the teacher.
+    batch = {key: value[:16] for key, value in loader.planned_views().items()}
+    batch["flip"] = batch["flip"].clone()
+    batch["flip"][5] = ~batch["flip"][5]
+    image = loader.render_views(**batch)
+    with torch.no_grad(), autocast():
+        assert torch.equal(cache.logits(teacher, image, batch), teacher(image)[0])
+    assert (cache.step_misses, cache.teacher_rows) == (1, 16)
 
 
 def test_a_torn_or_half_written_entry_is_a_miss_never_a_wrong_read(tmp_path):

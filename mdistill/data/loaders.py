@@ -261,6 +261,22 @@ class DeviceLoader(_EpochLoader):
             for number, (name, view) in enumerate(self.image_views.items())} if self.train else {}
         self._plan_epoch = self.epoch
 
+    def planned_views(self):
+        """The samples and views of the batches this epoch has still to deliver
+        (from :attr:`position`), in order: ``{"index", "crop_offset", "flip"}``.
+        Augmented training loaders only (the teacher cache computes ahead with it)."""
+        self._prepare()
+        begin = self.position * self.batch_size
+        end = min(len(self) * self.batch_size, self.num_samples)
+        return {"index": self._order[begin:end], "crop_offset": self._offsets[:, begin:end].t(),
+                "flip": self._flips[begin:end]}
+
+    def render_views(self, index, crop_offset, flip):
+        """The normalised images of samples ``index`` seen through ``(crop_offset,
+        flip)``, bit for bit as a batch delivers them."""
+        images = self._crop_and_flip(self.images.index_select(0, index), crop_offset.t(), flip)
+        return self._normalize(images)
+
     def __iter__(self):
         self._prepare()
         start = self.position if self.train else 0

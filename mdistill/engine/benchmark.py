@@ -5,7 +5,8 @@ Three measurements, each for any registered method and any dataset type:
 * :func:`benchmark_setting`: images/s of the real Trainer's step (loader,
   forward, update, bookkeeping), its phases and peak memory, for one AMP,
   memory-format and teacher-cache setting (``off``; ``cold``: an empty cache
-  that fills as it goes; ``warm``: every view already stored).
+  that each step fills, the cost of a run's first epoch; ``warm``: every view
+  already stored).
 * :func:`bare_speed`, measured in the same process on the same
   objects: the method's own ``forward_train`` (live teacher), its update rule,
   extra phases and state commits, on one fixed batch already on the device.
@@ -96,15 +97,11 @@ def build_trainer(cfg_path, opts, amp, channels_last, batch_size, num_train, dat
     return trainer, experiment
 
 
-def fill_teacher_cache(trainer, batches):
-    """Store the teacher's logits of the first ``batches`` batches of epoch 1 (a warm
-    cache), then rewind the loader."""
-    loader, distiller = trainer.train_loader, trainer.distiller
-    with torch.no_grad(), trainer.autocast():
-        for _, batch in zip(range(batches), loader):
-            distiller.teacher_cache.logits(distiller.teacher, batch["image"], batch)
-    loader.set_epoch(1)
-    distiller.teacher_cache.reset_counts()
+def fill_teacher_cache(trainer):
+    """Store the teacher's logits of every view of epoch 1 (a warm cache)."""
+    cache = trainer.distiller.teacher_cache
+    cache.prefill(trainer.distiller.teacher, trainer.train_loader, trainer.autocast)
+    cache.reset_counts()
 
 
 def benchmark_setting(cfg_path, opts, amp="none", channels_last=False, iters=30, warmup=5,
@@ -131,12 +128,12 @@ def benchmark_setting(cfg_path, opts, amp="none", channels_last=False, iters=30,
             raise ValueError(f"the training data have {len(trainer.train_loader)} batches of "
                              f"{batch_size}; the benchmark needs {batches}")
         if teacher_cache == "warm":
-            fill_teacher_cache(trainer, batches)
+            fill_teacher_cache(trainer)
         row, last_batch = _time_pipeline(trainer, iters, warmup, split_iters)
         row.update(amp=amp, channels_last=channels_last, teacher_cache=teacher_cache,
                    method=experiment.cfg.DISTILLER.TYPE, data=data)
-        if cache is not None:
-            row["hit_rate"] = cache.hits / max(cache.looked_up, 1)
+        if cache is not None:       # cold: every step misses and computes its batch whole
+            row["hit_rate"] = 1 - cache.step_misses / max(cache.step_views, 1)
         if bare:
             row["bare_images_per_sec"], row["bare_cpu_ms"] = bare_speed(trainer, last_batch,
                                                                         iters, warmup)

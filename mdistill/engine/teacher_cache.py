@@ -27,17 +27,22 @@ at the same time, and a crash (of the process or of the machine) mid-write
 loses at most the entries being written: a torn or half-persisted entry
 fails its checksum and is computed again.
 
-Exactness: a sample's logits must not depend on which other samples share
-its teacher forward. On the CPU, oneDNN and MKL take other code paths for a
-batch of very few samples (PyTorch runs a single-sample 3x3 convolution
-through its native kernel; MKL's matrix product changes its order of
-summation below about 12 rows with 2 threads), and those give other bits.
-The misses of a batch are therefore computed together with enough of its
-hits to make at least :data:`MIN_ROWS` rows. With that, tested in
-deterministic CPU mode, a run with a cold or a warm cache ends with exactly
-the student weights of a run without it (``tests/test_teacher_cache.py``);
-the exception is a training batch of fewer than :data:`MIN_ROWS` samples
-(a small last batch), whose live logits come from such a small forward.
+Exactness: every teacher forward the cache runs has the shape of a training
+batch. At the start of each epoch (:meth:`TeacherCache.prefill`) the views
+the epoch will ask for and the file lacks are computed in chunks of the
+per-process batch size (the last chunk padded by repeating rows), so every
+step then finds its logits stored; a batch that still misses one (another
+run's torn entry) is computed whole, as without the cache. A sample's logits
+do not depend on the other samples of its forward (tested on the CPU), but
+they may depend on the forward's size: for a few rows oneDNN and MKL take
+other code paths (PyTorch runs a single-sample 3x3 convolution through its
+native kernel; MKL's matrix product sums in another order below about 12
+rows with 2 threads), which give other bits. The batch size is therefore
+part of the key, and in deterministic CPU mode a run with a cold, warm or
+partly warm cache ends with exactly the student weights of a run without it
+(``tests/test_teacher_cache.py``). The exception is an epoch's last batch
+when it is smaller than the others and small enough for those code paths:
+the live teacher computes it at its own size, the cache at the batch size.
 """
 import fcntl
 import hashlib
@@ -54,8 +59,6 @@ from .trainer import AMP_DTYPES
 
 #: Bumped when the file layout or the way entries are computed changes.
 FORMAT = 1
-#: Teacher forwards of a batch's misses run on at least this many rows (see above).
-MIN_ROWS = 16
 MAGIC = b"mdistill teacher cache\n"
 HEADER_BYTES = 4096
 # Checksums are sums of the entry's bits with these weights, modulo a prime below 2**31.
@@ -189,7 +192,7 @@ class TeacherCache:
 
     # --------------------------------------------------------------- lookup
     def logits(self, teacher, image, batch):
-        """The teacher's logits for a training batch, from the cache where it has them.
+        """The teacher's logits for a training batch, from the cache if it has them all.
 
         Args:
             teacher: the frozen teacher; ``teacher(x)[0]`` are logits.
@@ -198,38 +201,60 @@ class TeacherCache:
 
         Returns:
             ``[B, C]`` logits on ``image``'s device, bit for bit what the
-            teacher computes (see the module docstring for the exception).
+            teacher computes on this batch (see the module docstring).
         """
         ids = self.entry_ids(batch["index"], batch["crop_offset"], batch["flip"])
         cached, hit = self.read(ids)
-        count = ids.numel()
-        misses = (~hit).nonzero().flatten()
-        self.looked_up += count
-        self.hits += count - misses.numel()
-        if misses.numel() == 0:
+        self.step_views += ids.numel()
+        if bool(hit.all()):
             return cached.to(image.device, non_blocking=True)
-        if misses.numel() == count:
-            fresh = teacher(image)[0]
-            self.computed += count
-            self.write(ids, fresh)
-            return fresh
-        # The misses, then hits up to MIN_ROWS rows, in one forward (see the module docstring).
-        pad = max(0, min(MIN_ROWS, count) - misses.numel())
-        rows = torch.cat([misses, hit.nonzero().flatten()[:pad]])
-        subset = image.index_select(0, rows.to(image.device))
-        if _is_channels_last(image):
-            subset = subset.contiguous(memory_format=torch.channels_last)
-        fresh = teacher(subset)[0][:misses.numel()]
-        self.computed += rows.numel()
-        self.write(ids[misses], fresh)
-        result = cached.to(image.device, non_blocking=True)
-        result[misses.to(image.device)] = fresh
-        return result
+        # A miss: the whole batch, as the live teacher computes it (see the module docstring).
+        fresh = teacher(image)[0]
+        self.step_misses += int((~hit).sum())
+        self.teacher_rows += ids.numel()
+        self.write(ids[~hit], fresh[(~hit).to(fresh.device)])
+        return fresh
+
+    def prefill(self, teacher, loader, autocast):
+        """Compute and store, ahead, the views the loader's epoch has still to deliver
+        and the file lacks, in forwards of the loader's batch size.
+
+        Args:
+            teacher: the frozen teacher.
+            loader: a :class:`~mdistill.data.DeviceLoader` at the epoch (and position)
+                about to be iterated.
+            autocast: ``() -> context`` of the training forward (the run's AMP).
+        """
+        views = loader.planned_views()
+        ids = self.entry_ids(views["index"], views["crop_offset"], views["flip"])
+        _, hit = self.read(ids)
+        missing = (~hit).nonzero().flatten()
+        # A view planned twice (a sample repeated to fill the last shard) is computed once.
+        unique_ids, inverse = torch.unique(ids[missing], return_inverse=True)
+        first = torch.full((unique_ids.numel(),), missing.numel()).scatter_reduce(
+            0, inverse, torch.arange(missing.numel()), "amin")
+        missing = missing[first]
+        self.planned += ids.numel()
+        self.stored_hits += int(hit.sum())
+        size = loader.batch_size
+        for chunk in missing.split(size) if missing.numel() else ():
+            # The last chunk padded by repeating its rows: every forward has ``size`` rows.
+            rows = chunk.repeat(-(-size // chunk.numel()))[:size].to(views["index"].device)
+            images = loader.render_views(views["index"][rows], views["crop_offset"][rows],
+                                         views["flip"][rows])
+            with torch.no_grad(), autocast():
+                logits = teacher(images)[0]
+            self.write(ids[chunk], logits[:chunk.numel()])
+            self.teacher_rows += size
+            self.computed += chunk.numel()
 
     # ---------------------------------------------------------------- report
     def reset_counts(self):
-        """Start counting lookups, hits and teacher rows afresh (each epoch)."""
-        self.looked_up = self.hits = self.computed = self.written = 0
+        """Start counting afresh (each epoch): views planned by :meth:`prefill`, those
+        already stored and those computed, views looked up by steps and their misses,
+        and the rows the teacher ran on."""
+        self.planned = self.stored_hits = self.computed = 0
+        self.step_views = self.step_misses = self.teacher_rows = self.written = 0
 
     def stored_entries(self):
         """Entries filled so far (by any run sharing the file)."""
@@ -241,26 +266,23 @@ class TeacherCache:
         return getattr(stat, "st_blocks", 0) * 512 or stat.st_size
 
     def epoch_report(self):
-        """``(text, stats)`` of the lookups since :meth:`reset_counts`, then resets them."""
-        stats = {"looked_up": self.looked_up, "hits": self.hits, "teacher_rows": self.computed,
-                 "hit_rate": self.hits / max(self.looked_up, 1),
-                 "stored": self.stored_entries(), "capacity": self.num_samples * self.num_views,
+        """``(text, stats)`` of the work since :meth:`reset_counts`, then resets them."""
+        stats = {"planned": self.planned, "hits": self.stored_hits, "computed": self.computed,
+                 "hit_rate": self.stored_hits / max(self.planned, 1),
+                 "step_views": self.step_views, "step_misses": self.step_misses,
+                 "teacher_rows": self.teacher_rows, "stored": self.stored_entries(),
+                 "capacity": self.num_samples * self.num_views,
                  "disk_mb": self.disk_bytes() / 2 ** 20}
-        text = (f"teacher cache: {100 * stats['hit_rate']:.1f}% hits ({self.hits:,} of "
-                f"{self.looked_up:,} views; teacher ran on {self.computed:,} rows), "
-                f"{stats['stored']:,} of {stats['capacity']:,} views stored, "
-                f"{stats['disk_mb']:.1f} MB")
+        text = (f"teacher cache: {100 * stats['hit_rate']:.1f}% hits ({self.stored_hits:,} of "
+                f"the epoch's {self.planned:,} views stored; the teacher ran on "
+                f"{self.teacher_rows:,} rows), {stats['stored']:,} of {stats['capacity']:,} "
+                f"views stored, {stats['disk_mb']:.1f} MB")
         self.reset_counts()
         return text, stats
 
 
 def _round_up(value, multiple):
     return -(-value // multiple) * multiple
-
-
-def _is_channels_last(image):
-    return (image.dim() == 4 and not image.is_contiguous()
-            and image.is_contiguous(memory_format=torch.channels_last))
 
 
 # ---------------------------------------------------------------------- key
@@ -343,7 +365,8 @@ def build_teacher_cache(cfg, distiller, data, train_loader, device):
                             "std": list(data.std), "channels_last": cfg.SOLVER.CHANNELS_LAST},
            "precision": {"amp": cfg.SOLVER.AMP},
            "machine": {"device": machine_name(device), "torch": torch.__version__},
-           "min_rows": MIN_ROWS}
+           # Logits may depend on the forward's size (see the module docstring).
+           "batch_size": train_loader.batch_size}
     cache = TeacherCache(folder, key, len(images), span, num_classes, dtype)
     note = (f"teacher cache: on, {cache.path} ({cache.stored_entries():,} of "
             f"{cache.num_samples * cache.num_views:,} views stored, "

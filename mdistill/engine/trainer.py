@@ -350,6 +350,9 @@ class Trainer:
         print_every = cfg.LOG.PRINT_FREQ if self.main and bar is None else 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.distiller.teacher_cache is not None:    # the epoch's missing teacher logits
+            self.distiller.teacher_cache.prefill(self.distiller.teacher, self.train_loader,
+                                                 self.autocast)
         for batch in self.train_loader:
             values = self.run_step(batch)
             images += batch["target"].numel()
