@@ -53,8 +53,15 @@ def test_cold_warm_and_partly_warm_caches_train_exactly_as_the_live_teacher(
     live, _, live_log = run_kd(cifar_root, teacher_file, tmp_path, "live")
     cold, cold_history, cold_log = run_kd(cifar_root, teacher_file, tmp_path, "cold",
                                           "DISTILLER.TEACHER_CACHE", cache)
+    # The teacher's test accuracy is remembered beside the cache file: the warm run reads it.
+    remembered, = glob.glob(os.path.join(cache, "teacher-*.test-*.json"))
+    with open(remembered) as handle:
+        assert f"test top-1 {json.load(handle)['top1']:.2f} " in cold_log
+    with open(remembered, "w") as handle:
+        json.dump({"top1": 55.5, "top5": 66.5, "loss": 1.0, "count": 80}, handle)
     warm, warm_history, warm_log = run_kd(cifar_root, teacher_file, tmp_path, "warm",
                                           "DISTILLER.TEACHER_CACHE", cache)
+    assert "test top-1 55.50 top-5 66.50" in warm_log
     # A couple of misses per epoch: computed alone, without the padding to a whole
     # batch, their forward would take the small-batch code paths and give other bits.
     stored = forget_entries(cache, every=100)
@@ -209,4 +216,12 @@ def test_the_log_says_why_the_live_teacher_is_used(cifar_root, teacher_file, tmp
     cache, note = build_teacher_cache(kd.cfg, kd.distiller, SimpleNamespace(train=None),
                                       SimpleNamespace(), kd.device)
     assert cache is None and "not CIFAR-style discrete crops and flips" in note
+    # KD from an ensemble of two teachers.
+    ensemble = build_experiment(load_cfg(CONFIG, opts[:-4] + [
+        "DISTILLER.TEACHER_CACHE", str(tmp_path / "cache"), "DISTILLER.TEACHER_WEIGHTS", "",
+        "DISTILLER.TEACHERS", "[resnet20, resnet20]",
+        "DISTILLER.TEACHERS_WEIGHTS", f'["{teacher_file}", "{teacher_file}"]']))
+    assert ensemble.distiller.teacher_cache is None
+    assert ensemble.teacher_cache_note == ("teacher cache: off (several teachers; the live "
+                                           "teachers are used)")
     assert not os.path.exists(tmp_path / "cache")

@@ -16,6 +16,7 @@ from ..utils.dist import barrier, get_world_size, is_main_process
 from .builder import build_experiment
 from .checkpoint import load_checkpoint
 from .evaluate import evaluate
+from .teacher_cache import data_fingerprint
 from .trainer import Trainer, lr_factor, stage_at
 
 
@@ -247,8 +248,7 @@ def train(cfg_path=None, opts=(), resume=None):
         if len(names) > 1:
             log(f"teachers (DISTILLER.TEACHERS): {experiment.teacher_source}")
         for name, teacher in zip(names, distiller.teacher_models()):
-            result = evaluate(lambda image, teacher=teacher: teacher(image)[0],
-                              experiment.test_loader, experiment.device)
+            result = evaluate_teacher(teacher, experiment)
             source = f" ({experiment.teacher_source})" if len(names) == 1 else ""
             log(f"teacher {name}{source}: test top-1 "
                 f"{result['top1']:.2f} top-5 {result['top5']:.2f}")
@@ -283,6 +283,18 @@ def train(cfg_path=None, opts=(), resume=None):
         log(f"done: best {chosen_on} top-1 {trainer.best_acc:.2f}, last test top-1 "
             f"{trainer.history[-1]['test']['top1']:.2f}; checkpoints in {run_dir}")
     return run_dir, history
+
+
+def evaluate_teacher(teacher, experiment):
+    """The teacher's test accuracy; with a teacher cache (one process), remembered
+    beside its file, so runs that share the cache evaluate the teacher once."""
+    def compute():
+        return evaluate(lambda image: teacher(image)[0], experiment.test_loader,
+                        experiment.device)
+    cache, test = experiment.distiller.teacher_cache, experiment.data.test
+    if cache is None or get_world_size() > 1 or not hasattr(test, "images"):
+        return compute()
+    return cache.remembered("test", data_fingerprint(test.images), compute)
 
 
 def _truncate_metrics(run_dir, state):

@@ -248,6 +248,26 @@ class TeacherCache:
             self.teacher_rows += size
             self.computed += chunk.numel()
 
+    def remembered(self, name, fingerprint, compute):
+        """``compute()``'s JSON-serialisable result, kept beside the cache file under
+        ``name`` and ``fingerprint`` and returned from there by later runs (the
+        teacher's test accuracy: its test-set pass costs 20% of a CIFAR epoch)."""
+        path = f"{os.path.splitext(self.path)[0]}.{name}-{fingerprint[:24]}.json"
+        try:
+            with open(path) as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            pass
+        result = compute()
+        temporary = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(temporary, "w") as handle:
+                json.dump(result, handle)
+            os.replace(temporary, path)
+        except OSError:
+            pass                # not remembered: computed again next time
+        return result
+
     # ---------------------------------------------------------------- report
     def reset_counts(self):
         """Start counting afresh (each epoch): views planned by :meth:`prefill`, those
@@ -348,6 +368,8 @@ def build_teacher_cache(cfg, distiller, data, train_loader, device):
         return None, ""
     if distiller.teacher is None:
         return None, f"teacher cache: off (method {cfg.DISTILLER.TYPE} has no teacher)"
+    if len(distiller.teacher_models()) > 1:
+        return None, "teacher cache: off (several teachers; the live teachers are used)"
     if not distiller.teacher_logits_only:
         return None, (f"teacher cache: off (method {cfg.DISTILLER.TYPE} uses more of the "
                       f"teacher than its logits; the live teacher is used)")
