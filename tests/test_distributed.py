@@ -273,3 +273,12 @@ def test_two_processes_with_half_a_batch_take_the_step_of_one_process(
     assert (single - start).abs().max() > 1e-3
     # A gradient summed over processes instead of averaged would be twice as large.
     torch.testing.assert_close(double, single, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Tests here run their one-process reference with one thread, like the workers;
+    later modules (the SIGKILL test compares against subprocesses) need the default."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

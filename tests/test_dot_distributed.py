@@ -49,12 +49,16 @@ def test_dot_with_two_processes_equals_one_process(cifar_root, teacher_file, tmp
                      "resnet20", "DISTILLER.STUDENT", "resnet8", "DISTILLER.TEACHER_WEIGHTS",
                      teacher_file, "SOLVER.TRAINER", "dot", "SOLVER.BATCH_SIZE", str(BATCH),
                      "SOLVER.DETERMINISTIC", "True")
-    torch.set_num_threads(1)
-    single = train_dot(opts)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # as in the workers; restored for the tests after this one
+    try:
+        single = train_dot(opts)
+        start = train_dot(opts + ["SOLVER.LR", "1e-12"])    # hardly moved: the update is not 0
+    finally:
+        torch.set_num_threads(threads)
     out = tmp_path / "two.pt"
     mp.start_processes(_worker, args=(2, free_port(), opts, str(out)), nprocs=2, join=True,
                        start_method="spawn")
     double = torch.load(out, weights_only=True)
-    start = train_dot(opts + ["SOLVER.LR", "1e-12"])    # hardly moved: the update is not 0
     assert (single - start).abs().max() > 1e-3
     torch.testing.assert_close(double, single, rtol=1e-4, atol=1e-6)
