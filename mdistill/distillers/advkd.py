@@ -130,9 +130,9 @@ class AdvKD(Distiller):
 
         advkd = AdvKD(student, teacher, num_classes=100, adv_weight=0.5, gan_loss="hinge")
         advkd.train().on_epoch_start(1)
-        logits, losses = advkd(image, target)   # computes only
-        sum(losses.values()).backward()         # the trainer steps the student,
-        commit_step(advkd)                      # then D (mdistill.engine.update_rules)
+        logits, losses = advkd(image, target)   # computes only; the trainer then
+        # updates the student, runs the "discriminator" phase and after_step
+        # (mdistill.engine.update_rules.commit_step)
 
     Args:
         student, teacher: the models.

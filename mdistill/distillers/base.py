@@ -487,6 +487,12 @@ def standardize_logits(logits, eps=1e-7):
     return (logits - logits.mean(dim=1, keepdim=True)) / (logits.std(dim=1, keepdim=True) + eps)
 
 
+def standardized_if(enabled, *logits):
+    """``logits`` standardized (:func:`standardize_logits`) when ``enabled``, else as given:
+    the ``<METHOD>.LOGIT_STAND`` switch of KD, DKD and MLKD."""
+    return tuple(map(standardize_logits, logits)) if enabled else logits
+
+
 def match_spatial_size(student_feature, teacher_feature):
     """Average-pool the larger of two ``[B, C, H, W]`` maps to the smaller one's
     height and width (how mdistiller pairs stages of different resolutions)."""

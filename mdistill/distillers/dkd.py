@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import DISTILLERS
-from .base import Distiller, standardize_logits
+from .base import Distiller, standardized_if
 
 
 def dkd_loss(student_logits, teacher_logits, target, alpha, beta, temperature):
@@ -81,9 +81,7 @@ class DKD(Distiller):
     def forward_train(self, image, target, **batch):
         logits, _ = self.student(image)
         teacher_logits, _ = self.teacher_forward(image)
-        student_kd, teacher_kd = logits, teacher_logits
-        if self.logit_stand:
-            student_kd, teacher_kd = standardize_logits(logits), standardize_logits(teacher_logits)
+        student_kd, teacher_kd = standardized_if(self.logit_stand, logits, teacher_logits)
         loss = dkd_loss(student_kd, teacher_kd, target, self.alpha, self.beta, self.temperature)
         return logits, {
             "loss_ce": self.ce_weight * F.cross_entropy(logits.float(), target),

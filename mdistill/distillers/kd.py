@@ -2,7 +2,7 @@
 import torch.nn.functional as F
 
 from ..registry import DISTILLERS
-from .base import Distiller, kd_loss, standardize_logits
+from .base import Distiller, kd_loss, standardized_if
 
 
 @DISTILLERS.register("KD")
@@ -37,9 +37,7 @@ class KD(Distiller):
     def forward_train(self, image, target, **batch):
         logits, _ = self.student(image)
         teacher_logits, _ = self.teacher_forward(image)
-        student_kd, teacher_kd = logits, teacher_logits
-        if self.logit_stand:
-            student_kd, teacher_kd = standardize_logits(logits), standardize_logits(teacher_logits)
+        student_kd, teacher_kd = standardized_if(self.logit_stand, logits, teacher_logits)
         return logits, {
             "loss_ce": self.ce_weight * F.cross_entropy(logits.float(), target),
             "loss_kd": self.kd_weight * kd_loss(student_kd, teacher_kd, self.temperature),

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..data.randaugment import RandAugmentView
 from ..errors import UserError
 from ..registry import DISTILLERS
-from .base import Distiller, kd_loss, standardize_logits
+from .base import Distiller, kd_loss, standardized_if
 
 #: The temperatures the authors use next to the configured one, in their order.
 EXTRA_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)
@@ -110,11 +110,8 @@ class MLKD(Distiller):
         sample_fraction = at_most_median(probabilities.amax(dim=1)).float().mean()
         class_fraction = at_most_median(probabilities.sum(dim=0)).float().mean()
 
-        kd_weak, kd_teacher_weak = weak, teacher_weak
-        kd_strong, kd_teacher_strong = strong, teacher_strong
-        if self.logit_stand:
-            kd_weak, kd_teacher_weak, kd_strong, kd_teacher_strong = map(
-                standardize_logits, (weak, teacher_weak, strong, teacher_strong))
+        kd_weak, kd_teacher_weak, kd_strong, kd_teacher_strong = standardized_if(
+            self.logit_stand, weak, teacher_weak, strong, teacher_strong)
         # The "strong" sum of the authors' code: T, 3, 5 on the strong view, 2, 6 on the weak.
         loss_kd = (sample_fraction * sum(kd_loss(kd_weak, kd_teacher_weak, t)
                                          for t in self.temperatures)
