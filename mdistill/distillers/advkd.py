@@ -197,24 +197,10 @@ class AdvKD(Distiller):
                    d_weight_decay=options.DISC_OPT.WEIGHT_DECAY, image_shape=(3, size, size))
 
     # ------------------------------------------------------------ declarations
-    def auxiliary_module_names(self):
-        return ["discriminator"]
-
-    def auxiliary_optimizers(self):
-        return {"discriminator": self.d_optimizer}
-
     def extra_phases(self):
-        if self.d_steps <= 0:
-            return []
+        # D: its own Adam, stepped after the student's update, left alone by DDP.
         return [Phase("discriminator", self.d_optimizer, self.discriminator_phase_loss,
                       self.d_steps)]
-
-    def ddp_ignored_names(self):
-        # D is stepped in its own phase, its gradients averaged over processes by the trainer.
-        names = super().ddp_ignored_names()
-        names += [f"discriminator.{name}" for name, _ in self.discriminator.named_parameters()]
-        names += [f"discriminator.{name}" for name, _ in self.discriminator.named_buffers()]
-        return names
 
     def adversarial_weight(self, epoch=None):
         """``lambda(epoch) = adv_weight * min(epoch / warmup_epochs, 1)``; the current

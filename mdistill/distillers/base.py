@@ -74,9 +74,15 @@ class Distiller(nn.Module):
 
     #: False for methods that train the student alone (the teacher is not built).
     requires_teacher = True
-    #: True for methods that use nothing of the teacher but its logits (so the
-    #: teacher's answers may be cached); feature methods leave it False.
-    teacher_logits_only = False
+    #: What the method reads of the teacher's outputs, a subset of :data:`OUTPUTS`.
+    #: The framework serves exactly these and decides from them, before the first
+    #: step, what combines: a method that reads only ``logits`` may take its teacher
+    #: from the teacher cache or from several teachers. The default (everything) is
+    #: the safe one for a method that does not say.
+    teacher_reads = frozenset({"logits", "feats", "preact_feats", "pooled_feat"})
+    #: What the method reads of the student's outputs (``preact_feats`` is refused
+    #: for a model without real pre-activation maps).
+    student_reads = frozenset({"logits", "feats", "pooled_feat"})
 
     def __init__(self, student, teacher=None):
         super().__init__()
@@ -103,6 +109,45 @@ class Distiller(nn.Module):
         """Build the method from ``cfg``; ``data_info`` has num_train, num_classes,
         train_targets (see :func:`mdistill.distillers.build_distiller`)."""
         return cls(student, teacher)
+
+    # ------------------------------------------------------- what it reads
+    @property
+    def teacher_logits_only(self):
+        """True when the method reads nothing of the teacher but its logits."""
+        return set(self.teacher_reads) == {"logits"}
+
+    def teacher_temperatures(self):
+        """The fixed temperatures at which the method softens the teacher's logits.
+
+        Several teachers averaged by probabilities (DISTILLER.TEACHER_REDUCE
+        ``mean_probs``) are served at the one temperature this declares, so a
+        method that softens at several (MLKD), at a learned one (CTKD), or reads
+        the logits otherwise (standardized, raw, transformed) returns None or
+        more than one, and ``mean_probs`` is refused for it before the first step.
+
+        Returns:
+            A tuple of temperatures, or None when the teacher's logits are not read
+            as ``softmax(z / T)`` at fixed temperatures.
+        """
+        return None
+
+    @torch.no_grad()
+    def probe(self, image_shape, device=None):
+        """Run the student and the (feature) teacher once on zeros in eval mode to
+        learn their output shapes, leaving their modes and BatchNorm statistics as
+        they were (see :func:`probe_features`).
+
+        Args:
+            image_shape: ``(channels, height, width)`` of the training images.
+
+        Returns:
+            ``((student_logits, student_feats), (teacher_logits, teacher_feats))``
+            for a batch of 2; the teacher's pair is None without a teacher.
+        """
+        student = probe_features(self.student, image_shape, device)
+        teacher = (probe_features(self.teacher, image_shape, device)
+                   if self.teacher is not None else None)
+        return student, teacher
 
     # ------------------------------------------------------------ training mode
     def train(self, mode=True):
@@ -275,36 +320,43 @@ class Distiller(nn.Module):
         return {}
 
     def auxiliary_module_names(self):
-        """Names of submodules optimised by :meth:`auxiliary_optimizers`, not the
-        student's optimizer."""
-        return []
+        """Names of the submodules that :meth:`extra_phases` train with their own
+        optimizers (not the student's); derived from those declarations."""
+        return [phase.module for phase in self.extra_phases()]
 
     def auxiliary_optimizers(self):
-        """``{name: optimizer}`` of the modules :meth:`auxiliary_module_names` lists.
+        """``{module name: optimizer}`` of :meth:`extra_phases`, derived from them.
 
-        They are stepped by the trainer in the method's :meth:`extra_phases`,
-        never by the method. The trainer schedules their learning rate with the student's schedule
-        (from their own base lr) and saves and restores their state.
+        The trainer steps them in the phases, never the method; it schedules their
+        learning rate with the student's schedule (from their own base lr) and
+        saves and restores their state.
         """
-        return {}
+        return {phase.module: phase.optimizer for phase in self.extra_phases()}
 
     def ddp_ignored_names(self):
         """Parameter and buffer names DistributedDataParallel must leave alone.
 
-        The teacher is never synchronised; subclasses add state they keep in
-        step across processes themselves (memory banks, a discriminator whose
-        gradients they average).
+        The teachers are never synchronised, nor the modules of :meth:`extra_phases`
+        (the trainer averages their gradients itself); subclasses add state they
+        keep in step across processes themselves (memory banks).
         """
         frozen = [("teacher", self.teacher)] if self.teacher is not None else []
         frozen += [(f"teachers.{i}", teacher) for i, teacher in enumerate(self.teachers or [])]
-        return [f"{prefix}.{name}" for prefix, teacher in frozen
-                for name, _ in [*teacher.named_parameters(), *teacher.named_buffers()]]
+        frozen += [(name, getattr(self, name)) for name in self.auxiliary_module_names()]
+        return [f"{prefix}.{name}" for prefix, module in frozen
+                for name, _ in [*module.named_parameters(), *module.named_buffers()]]
 
     def extra_phases(self):
-        """Updates the trainer runs after the student's, for accepted steps only.
+        """The method's own modules trained by their own optimizers, and the updates
+        the trainer runs for them after the student's, for accepted steps only.
+
+        This one declaration says everything about such a module: the student's
+        optimizer leaves it out (:meth:`auxiliary_module_names`), its optimizer is
+        scheduled and checkpointed (:meth:`auxiliary_optimizers`), and DDP leaves
+        it alone (:meth:`ddp_ignored_names`).
 
         Returns:
-            A list of :class:`Phase` (ADVKD's discriminator step), run in order.
+            A list of :class:`Phase` (ADVKD's discriminator), run in order.
         """
         return []
 
@@ -428,17 +480,19 @@ def _reuse_outputs(model):
 
 @dataclass
 class Phase:
-    """An extra update a method declares (see :meth:`Distiller.extra_phases`).
+    """A module of the method's own, trained by its own optimizer in an update
+    after the student's (see :meth:`Distiller.extra_phases`).
 
     Args:
-        name: shown in logs ("discriminator").
-        optimizer: the optimizer it steps (one of :meth:`Distiller.auxiliary_optimizers`).
+        module: the attribute name of the submodule it trains ("discriminator").
+        optimizer: the optimizer over that module's parameters.
         loss: ``loss() -> scalar tensor`` computed from :attr:`Distiller.stashed`;
             the trainer zeroes the optimizer's gradients, back-propagates it,
             averages the gradients over processes and steps the optimizer.
-        steps: how many times to repeat it per student step.
+        steps: how many times to repeat it per student step (0: the module is
+            still the method's own, but not trained).
     """
-    name: str
+    module: str
     optimizer: torch.optim.Optimizer
     loss: Callable[[], torch.Tensor]
     steps: int = 1
