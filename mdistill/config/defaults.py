@@ -432,6 +432,9 @@ _C.FT.LOSS = CN()
 _C.FT.LOSS.CE_WEIGHT = 1.0
 _C.FT.LOSS.FEAT_WEIGHT = 200.0
 
+# --- methods since 2023: WTTM, WKD, SDD, CAT-KD, ICKD (sections above this line)
+# --- methods since 2023: CRLD, DIST+, SRD, SKD (sections above this line)
+
 
 def get_cfg():
     """Return a fresh, mutable copy of the defaults."""
