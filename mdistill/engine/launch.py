@@ -17,7 +17,8 @@ from .builder import build_experiment
 from .checkpoint import load_checkpoint
 from .evaluate import evaluate
 from .teacher_cache import data_fingerprint
-from .trainer import Trainer, lr_factor, stage_at
+from .schedule import lr_factor, stage_at
+from .trainer import Trainer
 
 
 class RunStopped(Exception):
@@ -46,11 +47,13 @@ SCHEDULE_KEYS = ("SOLVER.LR_DECAY_STAGES",)
 def check_schedule_change(saved_cfg, cfg, distiller, reached):
     """Refuse a resumed schedule that would rewrite the epochs already run.
 
-    The learning rate is a function of the epoch under the config a run is
-    resumed with (:func:`~mdistill.engine.trainer.lr_factor`), so from the
-    epoch it resumes at a longer cosine or a moved milestone is followed. What
-    cannot be honoured: fewer epochs than reached, a stage boundary moved
-    before it, or milestones that change the rate of an epoch already run.
+    A cosine resumed with another SOLVER.EPOCHS goes on from the rate reached
+    and anneals to zero at the new end (a segment the checkpoint records, see
+    :mod:`mdistill.engine.schedule`), so its rate never rises and the epochs run
+    keep theirs; multistep milestones are absolute epochs, and the ones still
+    ahead may move. What cannot be honoured: fewer epochs than reached, a stage
+    boundary moved before it, or milestones that change the rate of an epoch
+    already run.
 
     Args:
         saved_cfg, cfg: the run's config and the one it is resumed with.

@@ -17,6 +17,8 @@ from ..utils.dist import (all_reduce_sum, broadcast_from_main, convert_sync_batc
                           get_world_size, is_distributed, is_main_process)
 from .checkpoint import save_checkpoint
 from .evaluate import evaluate, topk_correct
+from .schedule import (lr_factor, resumed_segments, saved_schedule, schedule_state,  # noqa: F401
+                       stage_at, stage_lr_factor)
 from .update_rules import UPDATE_RULES, commit_step
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -24,31 +26,6 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class TrainingStopped(UserError):
     """The run cannot go on (a non-finite loss); the last good checkpoint is kept."""
-
-
-def lr_factor(solver, epoch, epochs, schedule=True):
-    """The learning rate's multiple of its base during ``epoch`` (1-based) of ``epochs``.
-
-    multistep follows mdistiller: ``LR_DECAY_RATE ** (number of LR_DECAY_STAGES
-    < epoch)``; cosine is torch's CosineAnnealingLR stepped once per epoch with
-    ``T_max = epochs``. A pure function of the epoch, so a resumed run follows
-    the config it is resumed with (a longer SOLVER.EPOCHS stretches the cosine
-    from the epoch it resumes at). ``schedule`` False: constant.
-    """
-    if not schedule:
-        return 1.0
-    if solver.LR_SCHEDULER == "cosine":
-        return (1 + math.cos(math.pi * (epoch - 1) / max(epochs, 1))) / 2
-    return solver.LR_DECAY_RATE ** sum(epoch > stage for stage in solver.LR_DECAY_STAGES)
-
-
-def stage_at(stages, epoch):
-    """``(stage index, epoch within the stage)`` of a global 1-based epoch."""
-    start = 0
-    for index, stage in enumerate(stages):
-        if epoch <= start + stage.epochs or index == len(stages) - 1:
-            return index, epoch - start
-        start += stage.epochs
 
 
 def set_base_lr(optimizer, lr=None):
@@ -212,6 +189,8 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "rng": rng_state(),
             "config": self.cfg.dump(),
+            # The stages' lengths and the segments resumes added (engine/schedule.py).
+            "schedule": schedule_state(self.stages, getattr(self, "lr_segments", ())),
         }
 
     def load_state_dict(self, state):
@@ -228,6 +207,9 @@ class Trainer:
         self.global_step = state["global_step"]
         self.skipped_steps = state["skipped_steps"]
         set_rng_state(state["rng"])
+        # A resume that changed the last stage's length anneals on from the rate reached.
+        self.lr_segments = resumed_segments(self.cfg.SOLVER, self.stages, saved_schedule(
+            state, self.distiller), state["epoch"], state["epoch_complete"])
         if state["epoch_complete"]:
             self.epoch = state["epoch"] + 1
             self.meter = EpochMeter()
@@ -325,7 +307,8 @@ class Trainer:
         for name in stage.eval_modules:
             getattr(self.distiller, name).eval()
         self.distiller.on_epoch_start(local_epoch)
-        factor = lr_factor(self.cfg.SOLVER, local_epoch, stage.epochs, stage.schedule)
+        factor = stage_lr_factor(self.cfg.SOLVER, self.stages, epoch,
+                                 getattr(self, "lr_segments", ()))
         for optimizer in [self.optimizer, *self.aux_optimizers.values()]:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
