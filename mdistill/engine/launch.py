@@ -2,8 +2,10 @@
 import glob
 import os
 import random
+import re
 import signal
 import sys
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -266,6 +268,7 @@ def train(cfg_path=None, opts=(), resume=None):
             # writer when it starts, and a writer made earlier would go unseen.
             wandb_run = _start_wandb(cfg, run_dir, log)
         purge = saved_state["global_step"] + 1 if saved_state else None
+        wait_for_event_file_order(run_dir, log)
         writer = SummaryWriter(run_dir, purge_step=purge)
     trainer = Trainer(experiment, run_dir, writer=writer, log=log)
     if saved_state is not None:
@@ -286,6 +289,42 @@ def train(cfg_path=None, opts=(), resume=None):
         log(f"done: best {chosen_on} top-1 {trainer.best_acc:.2f}, last test top-1 "
             f"{trainer.history[-1]['test']['top1']:.2f}; checkpoints in {run_dir}")
     return run_dir, history
+
+
+# An event file's name: events.out.tfevents.<second>.<host>.<pid>.<counter>.
+EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")
+# Longer than this, an event file's second is taken for a clock that was wrong.
+MAX_EVENT_FILE_WAIT_S = 10
+
+
+def wait_for_event_file_order(run_dir, log):
+    """Wait until an event file made now sorts after every one in ``run_dir``.
+
+    TensorBoard reads a run's event files in name order, and a name holds the
+    second it was made in, then the host and the pid. A resumed run made in the
+    same second as an earlier writer (a killed run, a previous resume) could get
+    a name that sorts before that writer's (a smaller pid): TensorBoard would
+    then read the earlier file last and, taking its smaller steps for a restart,
+    drop the steps written after the resume. Waiting for the next second puts
+    the new file last. A file dated more than ``MAX_EVENT_FILE_WAIT_S`` ahead
+    (the clock was changed) is not waited for; the log says so.
+
+    Args:
+        run_dir: the run folder the SummaryWriter writes to.
+        log: ``log(text)`` for the warning.
+    """
+    seconds = {int(match.group(1)): name for name in os.listdir(run_dir)
+               for match in [EVENT_FILE.match(name)] if match}
+    if not seconds:
+        return
+    newest = max(seconds)
+    ahead = newest + 1 - time.time()
+    if ahead > MAX_EVENT_FILE_WAIT_S:
+        log(f"warning: {os.path.join(run_dir, seconds[newest])} is dated {ahead:.0f}s ahead "
+            f"of the clock; TensorBoard may show the steps logged now before its own")
+        return
+    while time.time() < newest + 1:
+        time.sleep(newest + 1 - time.time())
 
 
 def evaluate_teacher(teacher, experiment):
