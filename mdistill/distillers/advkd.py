@@ -151,6 +151,9 @@ class AdvKD(Distiller):
         UserError: an unknown ``gan_loss`` or ``input_kind``.
     """
 
+    teacher_reads = frozenset({"logits"})
+    student_reads = frozenset({"logits"})
+
     def __init__(self, student, teacher, num_classes, temperature=4.0, ce_weight=0.1,
                  kd_weight=0.9, adv_weight=0.5, warmup_epochs=20, input_kind="logits",
                  gan_loss="bce", d_steps=1, real_label=1.0, hidden=(256, 128),
@@ -171,8 +174,9 @@ class AdvKD(Distiller):
         self.d_steps = d_steps
         self.real_label = real_label
         if input_kind == "feature":
-            _, student_feats = probe_features(student, image_shape)
-            _, teacher_feats = probe_features(teacher, image_shape)
+            self.teacher_reads = self.teacher_reads | {"pooled_feat"}
+            self.student_reads = self.student_reads | {"pooled_feat"}
+            (_, student_feats), (_, teacher_feats) = self.probe(image_shape)
             self.student_adapter = nn.Linear(student_feats["pooled_feat"].shape[1], num_classes)
             self.teacher_adapter = FixedProjection(teacher_feats["pooled_feat"].shape[1],
                                                    num_classes)
@@ -197,6 +201,10 @@ class AdvKD(Distiller):
                    d_weight_decay=options.DISC_OPT.WEIGHT_DECAY, image_shape=(3, size, size))
 
     # ------------------------------------------------------------ declarations
+    def teacher_temperatures(self):
+        # KD softens at T; D reads the teacher's raw logits, or its softmax at 1.
+        return (self.temperature, 1.0) if self.input_kind == "probs" else None
+
     def extra_phases(self):
         # D: its own Adam, stepped after the student's update, left alone by DDP.
         return [Phase("discriminator", self.d_optimizer, self.discriminator_phase_loss,

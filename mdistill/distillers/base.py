@@ -1,6 +1,5 @@
 """The Distiller base class: what every method declares to the one trainer."""
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -8,8 +7,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..config import CHOICES
-from ..errors import UserError, unknown_choice
+from .teachers import LiveTeacher, average_softened_logits, build_teacher_source  # noqa: F401
 
 
 class Distiller(nn.Module):
@@ -36,9 +34,12 @@ class Distiller(nn.Module):
       name is :attr:`stage`;
     * per-step diagnostics: :meth:`pop_diagnostics`.
 
-    Several teachers (:meth:`set_teachers`): ``self.teacher`` stays the one the
-    method was built with (the feature teacher); methods with
-    ``teacher_logits_only`` get the ensemble's logits from :meth:`teacher_forward`.
+    The teacher side is one object, a :class:`~mdistill.distillers.teachers.TeacherSource`
+    (one live teacher, cached logits, several teachers averaging probabilities or
+    losses) that the builder attaches (:meth:`set_teacher_source`) after checking
+    it can serve what the method declares it reads (:attr:`teacher_reads`,
+    :meth:`teacher_temperatures`). A method asks :meth:`teacher_forward`;
+    ``self.teacher`` is the teacher whose features are served (for probing shapes).
 
     The step protocol: ``forward_train`` only computes. It takes no optimizer
     step and writes no parameter, buffer or memory (BatchNorm's running
@@ -87,22 +88,14 @@ class Distiller(nn.Module):
     def __init__(self, student, teacher=None):
         super().__init__()
         self.student = student
-        self.teacher = teacher
-        if teacher is not None:
-            teacher.eval()
-            teacher.requires_grad_(False)
-        # Every teacher of an ensemble (set_teachers); None with one teacher.
-        self.teachers = None
-        self.teacher_reduce = "mean_probs"
-        self._teacher_index = None       # mean_loss: the teacher of the current pass
+        # A plain attribute, not a submodule: the teachers stay outside the state
+        # dict, the optimizers, train()/eval() and DistributedDataParallel.
+        self.teacher_source = LiveTeacher([teacher]) if teacher is not None else None
+        self._batch = None
         self._diagnostics = {}
         self._stash = {}
         self.epoch = 0
         self.stage = "distill"
-        #: A :class:`~mdistill.engine.teacher_cache.TeacherCache` the builder attaches
-        #: (DISTILLER.TEACHER_CACHE) to methods with ``teacher_logits_only``; else None.
-        self.teacher_cache = None
-        self._cache_batch = None
 
     @classmethod
     def from_config(cls, cfg, student, teacher, data_info=None):
@@ -150,17 +143,16 @@ class Distiller(nn.Module):
         return student, teacher
 
     # ------------------------------------------------------------ training mode
-    def train(self, mode=True):
-        """Set train/eval mode on everything except the teachers, which stay in eval."""
-        super().train(mode)
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half() reach the teachers as they would a submodule.
         for teacher in self.teacher_models():
-            teacher.eval()
-        return self
+            teacher._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
 
     def trainable_named_modules(self):
-        """Top-level submodules trained by the student's optimizer (all but the teacher
-        and the modules an auxiliary optimizer owns)."""
-        skip = {"teacher", "teachers"} | set(self.auxiliary_module_names())
+        """Top-level submodules trained by the student's optimizer (all but the
+        modules an auxiliary optimizer owns)."""
+        skip = set(self.auxiliary_module_names())
         return [(name, module) for name, module in self.named_children() if name not in skip]
 
     def get_learnable_parameters(self):
@@ -190,124 +182,75 @@ class Distiller(nn.Module):
     def forward(self, image, target=None, **batch):
         if not self.training:
             return self.forward_test(image)
-        if self.ensemble_active() and self.teacher_reduce == "mean_loss":
-            return self._forward_per_teacher(image, target, **batch)
-        if self.teacher_cache is None or "crop_offset" not in batch:
-            return self.forward_train(image, target, **batch)
         # The batch's sample indices and views name its teacher logits in the cache.
-        self._cache_batch = dict(batch, image=image)
+        self._batch = dict(batch, image=image)
         try:
-            return self.forward_train(image, target, **batch)
+            if self.teacher_source is None or self.teacher_source.passes == 1:
+                return self.forward_train(image, target, **batch)
+            return self._forward_per_teacher(image, target, **batch)
         finally:
-            self._cache_batch = None
+            self._batch = None
 
-    def teacher_forward(self, image):
-        """The teacher's ``(logits, feats)`` without autograd.
+    def teacher_forward(self, image, batch_statistics=False):
+        """The teacher's ``(logits, feats)`` without autograd, from the teacher source.
 
-        With a teacher cache attached, the training batch's own ``image`` gets
-        its logits from the cache (views it lacks are computed and stored) and
-        empty ``feats``; any other tensor (a second view, a slice) goes to the
-        teacher.
-
-        With several teachers (:meth:`set_teachers`) and a method with
-        ``teacher_logits_only`` (the cache is then not used): ``mean_probs``
-        gives the logits ``T * log(mean_k softmax(z_k / T))`` at ``T =``
-        :meth:`ensemble_temperature`, whose softmax at T is the teachers'
-        averaged softened prediction (and the feature teacher's feats);
-        ``mean_loss`` gives teacher k's outputs in the k-th pass of
-        :meth:`forward`. Other methods get the feature teacher's outputs.
-        """
-        if self.ensemble_active():
-            return self._ensemble_forward(image)
-        batch = self._cache_batch
-        with torch.no_grad():
-            if batch is not None and image is batch["image"]:
-                return self.teacher_cache.logits(self.teacher, image, batch), {}
-            return self.teacher(image)
-
-    # ---------------------------------------------------------------- teachers
-    def set_teachers(self, teachers, reduce="mean_probs"):
-        """Distil from several frozen teachers.
-
-        ``self.teacher``, the model the method was built with, must be one of
-        ``teachers``: methods that use features keep using it alone. Methods
-        with ``teacher_logits_only`` distil from all of them, by ``reduce``:
-
-        * ``mean_probs``: the averaged softened predictions (:meth:`teacher_forward`);
-        * ``mean_loss``: :meth:`forward_train` runs once per teacher (the
-          student's forward once, its outputs reused) and the distillation
-          losses are averaged; ``loss_ce`` is the first pass's, and what the
-          method stashes or logs comes from the last pass.
-
-        Every teacher is frozen, in eval mode, left out of the checkpoint, the
-        optimizer and DDP's synchronisation, as a single teacher is.
+        The source decides where they come from (one teacher, the cache, several
+        teachers); the method reads only what it declared in :attr:`teacher_reads`.
 
         Args:
-            teachers: the models, in DISTILLER.TEACHERS order.
-            reduce: ``mean_probs`` | ``mean_loss``.
+            image: the training batch's images or another view of them.
+            batch_statistics: the teacher's BatchNorms normalise with this batch's
+                statistics, their running ones untouched (OFD, as its authors run it).
+        """
+        return self.teacher_source(image, self._batch, batch_statistics)
+
+    # ---------------------------------------------------------------- teachers
+    @property
+    def teacher(self):
+        """The teacher whose feature maps are served (the only one with one teacher)."""
+        return self.teacher_source.feature_teacher if self.teacher_source is not None else None
+
+    def set_teacher_source(self, source):
+        """Serve the teacher's outputs from ``source`` (a
+        :class:`~mdistill.distillers.teachers.TeacherSource`)."""
+        self.teacher_source = source
+
+    def set_teachers(self, teachers, reduce="mean_probs", feature_index=None):
+        """Distil from several frozen teachers, combined by ``reduce`` (``mean_probs``
+        or ``mean_loss``; see :mod:`mdistill.distillers.teachers`).
+
+        ``feature_index`` defaults to the position of ``self.teacher`` among them.
 
         Raises:
-            UserError: ``reduce`` is unknown, or ``mean_loss`` for a method
-                that uses more of the teacher than its logits.
+            UserError: the method cannot use several teachers that way.
         """
-        if reduce not in TEACHER_REDUCTIONS:
-            raise unknown_choice("value for DISTILLER.TEACHER_REDUCE:", reduce, TEACHER_REDUCTIONS)
-        if reduce == "mean_loss" and not self.teacher_logits_only:
-            raise UserError(f"DISTILLER.TEACHER_REDUCE mean_loss averages per-teacher losses of "
-                            f"methods that use only the teachers' logits; "
-                            f"{type(self).__name__} uses features, which come from "
-                            f"DISTILLER.FEATURE_TEACHER alone (use mean_probs)")
-        if not any(teacher is self.teacher for teacher in teachers):
-            raise ValueError("set_teachers: the distiller's teacher must be one of the teachers")
-        for teacher in teachers:
-            teacher.eval()
-            teacher.requires_grad_(False)
-        self.teachers = nn.ModuleList(teachers)
-        self.teacher_reduce = reduce
+        if feature_index is None:
+            feature_index = next((index for index, teacher in enumerate(teachers)
+                                  if teacher is self.teacher), 0)
+        batch_rows = self.teacher_source.batch_rows if self.teacher_source is not None else 0
+        self.set_teacher_source(build_teacher_source(self, list(teachers), reduce, feature_index,
+                                                     batch_rows=batch_rows))
 
     def teacher_models(self):
-        """Every teacher: the ensemble's, or the single teacher (none without one)."""
-        if self.teachers is not None:
-            return list(self.teachers)
-        return [] if self.teacher is None else [self.teacher]
+        """Every teacher (none without one)."""
+        return list(self.teacher_source.models) if self.teacher_source is not None else []
 
-    def ensemble_active(self):
-        """True when the method distils from several teachers' logits."""
-        return self.teachers is not None and len(self.teachers) > 1 and self.teacher_logits_only
-
-    def ensemble_temperature(self):
-        """The temperature T at which ``mean_probs`` averages the teachers' softmax.
-
-        A method should return the temperature at which it softens the
-        teacher's logits; the default takes a number in ``self.temperature``
-        (KD) or ``self.tau`` (DIST), else 1.
-        """
-        for name in ("temperature", "tau"):
-            value = getattr(self, name, None)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-        return 1.0
-
-    @torch.no_grad()
-    def _ensemble_forward(self, image):
-        if self._teacher_index is not None:
-            return self.teachers[self._teacher_index](image)
-        outputs = [teacher(image) for teacher in self.teachers]
-        feats = next(feats for teacher, (_, feats) in zip(self.teachers, outputs)
-                     if teacher is self.teacher)
-        return average_softened_logits([logits for logits, _ in outputs],
-                                       self.ensemble_temperature()), feats
+    @property
+    def teacher_cache(self):
+        """The teacher cache serving the logits, or None."""
+        return self.teacher_source.cache if self.teacher_source is not None else None
 
     def _forward_per_teacher(self, image, target, **batch):
-        """``mean_loss``: one :meth:`forward_train` per teacher, losses averaged."""
+        """``mean_loss``: one :meth:`forward_train` per teacher, losses averaged;
+        ``loss_ce`` is the first pass's."""
         passes = []
         with _reuse_outputs(self.student):
             try:
-                for index in range(len(self.teachers)):
-                    self._teacher_index = index
+                for index in range(self.teacher_source.passes):
+                    self.teacher_source.select(index)
                     passes.append(self.forward_train(image, target, **batch))
             finally:
-                self._teacher_index = None
+                self.teacher_source.select(None)
         logits, first = passes[0]
         return logits, {name: value if name == "loss_ce" else
                         sum(losses[name] for _, losses in passes) / len(passes)
@@ -336,14 +279,12 @@ class Distiller(nn.Module):
     def ddp_ignored_names(self):
         """Parameter and buffer names DistributedDataParallel must leave alone.
 
-        The teachers are never synchronised, nor the modules of :meth:`extra_phases`
-        (the trainer averages their gradients itself); subclasses add state they
+        The teachers are not submodules; the modules of :meth:`extra_phases` are
+        left alone (the trainer averages their gradients itself); subclasses add state they
         keep in step across processes themselves (memory banks).
         """
-        frozen = [("teacher", self.teacher)] if self.teacher is not None else []
-        frozen += [(f"teachers.{i}", teacher) for i, teacher in enumerate(self.teachers or [])]
-        frozen += [(name, getattr(self, name)) for name in self.auxiliary_module_names()]
-        return [f"{prefix}.{name}" for prefix, module in frozen
+        own = [(name, getattr(self, name)) for name in self.auxiliary_module_names()]
+        return [f"{prefix}.{name}" for prefix, module in own
                 for name, _ in [*module.named_parameters(), *module.named_buffers()]]
 
     def extra_phases(self):
@@ -418,38 +359,20 @@ class Distiller(nn.Module):
         return {name: float(value) for name, value in diagnostics.items()}
 
     def state_dict_to_save(self):
-        """Everything to checkpoint except the teachers (they never change)."""
-        return {key: value for key, value in self.state_dict().items()
-                if not key.startswith(TEACHER_PREFIXES)}
+        """Everything to checkpoint (the teachers are not part of it: they never change)."""
+        return self.state_dict()
 
     def load_saved_state(self, state):
         """Load a dict written by :meth:`state_dict_to_save`."""
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [key for key in missing if not key.startswith(TEACHER_PREFIXES)]
+        unexpected = [key for key in unexpected if not key.startswith(TEACHER_PREFIXES)]
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match the distiller: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
 
 
-#: DISTILLER.TEACHER_REDUCE: how logit methods combine several teachers.
-TEACHER_REDUCTIONS = CHOICES["DISTILLER.TEACHER_REDUCE"]
-#: State-dict prefixes of the frozen teachers (never saved).
+#: State-dict prefixes of teachers in checkpoints of earlier versions (ignored).
 TEACHER_PREFIXES = ("teacher.", "teachers.")
-
-
-def average_softened_logits(teacher_logits, temperature):
-    """Logits whose softmax at ``temperature`` is the mean of the teachers'.
-
-    ``T * log(mean_k softmax(z_k / T))``, in fp32: a loss that softens these
-    logits at T sees the ensemble's averaged prediction.
-
-    Args:
-        teacher_logits: a list of ``[B, C]`` logits, one per teacher.
-        temperature: T.
-    """
-    stacked = torch.stack([logits.float() for logits in teacher_logits])
-    log_probs = F.log_softmax(stacked / temperature, dim=-1)
-    return temperature * (torch.logsumexp(log_probs, dim=0) - math.log(len(teacher_logits)))
 
 
 @contextlib.contextmanager
@@ -516,6 +439,9 @@ class Stage:
         schedule: follow SOLVER.LR_SCHEDULER over the stage's epochs (False: constant).
         eval_modules: names of the distiller's submodules kept in eval mode
             during the stage (RepDistiller's initialisation runs the student so).
+        task_loss: whether the stage's losses include the task loss ``loss_ce``
+            (an initialisation stage that matches features alone has none, and
+            an update rule that needs it, DOT, is refused before the first step).
     """
     name: str
     epochs: int
@@ -523,6 +449,7 @@ class Stage:
     lr: Optional[float] = None
     schedule: bool = True
     eval_modules: Sequence[str] = ()
+    task_loss: bool = True
 
 
 def kd_loss(student_logits, teacher_logits, temperature):

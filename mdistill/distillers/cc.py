@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import DISTILLERS
-from .base import Distiller, probe_features
+from .base import Distiller
 
 
 def correlation_congruence_loss(student_embedding, teacher_embedding):
@@ -33,11 +33,13 @@ class CC(Distiller):
         image_shape: input shape used to probe the pooled feature widths.
     """
 
+    teacher_reads = frozenset({"pooled_feat"})
+    student_reads = frozenset({"logits", "pooled_feat"})
+
     def __init__(self, student, teacher, feat_dim=128, ce_weight=1.0, feat_weight=0.02,
                  image_shape=(3, 32, 32)):
         super().__init__(student, teacher)
-        _, student_feats = probe_features(student, image_shape)
-        _, teacher_feats = probe_features(teacher, image_shape)
+        (_, student_feats), (_, teacher_feats) = self.probe(image_shape)
         self.embed_student = nn.Linear(student_feats["pooled_feat"].shape[1], feat_dim)
         self.embed_teacher = nn.Linear(teacher_feats["pooled_feat"].shape[1], feat_dim)
         self.ce_weight = ce_weight

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ..data import ContrastiveSampler
 from ..registry import DISTILLERS
 from ..utils.dist import all_gather_cat, all_reduce_sum, get_rank, get_world_size
-from .base import Distiller, probe_features
+from .base import Distiller
 
 
 class Embed(nn.Module):
@@ -76,11 +76,13 @@ class CRD(Distiller):
         image_shape: input shape used to probe the pooled feature widths.
     """
 
+    teacher_reads = frozenset({"pooled_feat"})
+    student_reads = frozenset({"logits", "pooled_feat"})
+
     def __init__(self, student, teacher, num_data, sampler, feat_dim=128, ce_weight=1.0,
                  feat_weight=0.8, temperature=0.07, momentum=0.5, image_shape=(3, 32, 32)):
         super().__init__(student, teacher)
-        _, student_feats = probe_features(student, image_shape)
-        _, teacher_feats = probe_features(teacher, image_shape)
+        (_, student_feats), (_, teacher_feats) = self.probe(image_shape)
         self.embed_student = Embed(student_feats["pooled_feat"].shape[1], feat_dim)
         self.embed_teacher = Embed(teacher_feats["pooled_feat"].shape[1], feat_dim)
         self.sampler = sampler

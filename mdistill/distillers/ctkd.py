@@ -83,7 +83,8 @@ class CTKD(Distiller):
         ce_weight, kd_weight: weights of the cross-entropy and the KD loss.
     """
 
-    teacher_logits_only = True
+    teacher_reads = frozenset({"logits"})
+    student_reads = frozenset({"logits"})
 
     def __init__(self, student, teacher, t_start=1.0, t_end=20.0, max_lambda=1.0,
                  lambda_epochs=10, ce_weight=0.1, kd_weight=0.9):

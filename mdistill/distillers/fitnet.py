@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..registry import DISTILLERS
-from .base import Distiller, probe_features
+from .base import Distiller
 
 
 class Regressor(nn.Module):
@@ -63,11 +63,13 @@ class FitNet(Distiller):
         UserError: ``hint_layer`` is out of range, or the shapes cannot be mapped.
     """
 
+    teacher_reads = frozenset({"feats"})
+    student_reads = frozenset({"logits", "feats"})
+
     def __init__(self, student, teacher, hint_layer=2, ce_weight=1.0, feat_weight=100.0,
                  image_shape=(3, 32, 32)):
         super().__init__(student, teacher)
-        _, student_feats = probe_features(student, image_shape)
-        _, teacher_feats = probe_features(teacher, image_shape)
+        (_, student_feats), (_, teacher_feats) = self.probe(image_shape)
         available = min(len(student_feats["feats"]), len(teacher_feats["feats"]))
         if not 0 <= hint_layer < available:
             raise UserError(f"FITNET.HINT_LAYER {hint_layer} is out of range: the models give "

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..registry import DISTILLERS
-from .base import Distiller, Stage, probe_features
+from .base import Distiller, Stage
 
 
 def fsp_matrices(feature_maps):
@@ -57,10 +57,12 @@ class FSP(Distiller):
         UserError: the two models' maps differ in number or channels.
     """
 
+    teacher_reads = frozenset({"feats"})
+    student_reads = frozenset({"logits", "feats"})
+
     def __init__(self, student, teacher, init_epochs=30, ce_weight=1.0, image_shape=(3, 32, 32)):
         super().__init__(student, teacher)
-        _, student_feats = probe_features(student, image_shape)
-        _, teacher_feats = probe_features(teacher, image_shape)
+        (_, student_feats), (_, teacher_feats) = self.probe(image_shape)
         student_channels = [f.shape[1] for f in student_feats["feats"]]
         teacher_channels = [f.shape[1] for f in teacher_feats["feats"]]
         if student_channels != teacher_channels:
@@ -77,7 +79,8 @@ class FSP(Distiller):
                    ce_weight=cfg.FSP.LOSS.CE_WEIGHT, image_shape=(3, size, size))
 
     def stages(self, epochs):
-        init = [Stage("init", self.init_epochs, schedule=False)] if self.init_epochs > 0 else []
+        init = ([Stage("init", self.init_epochs, schedule=False, task_loss=False)]
+                if self.init_epochs > 0 else [])
         return init + [Stage("distill", epochs)]
 
     def forward_train(self, image, target, **batch):

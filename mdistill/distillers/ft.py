@@ -17,7 +17,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..registry import DISTILLERS
-from .base import Distiller, Stage, match_spatial_size, probe_features
+from .base import Distiller, Stage, match_spatial_size
 
 
 def _conv_block(in_channels, out_channels, transposed=False, batch_norm=False):
@@ -92,11 +92,13 @@ class FT(Distiller):
         image_shape: input shape used to probe the feature shapes.
     """
 
+    teacher_reads = frozenset({"feats"})
+    student_reads = frozenset({"logits", "feats"})
+
     def __init__(self, student, teacher, init_epochs=30, init_lr=0.01, rate=0.5, ce_weight=1.0,
                  feat_weight=200.0, image_shape=(3, 32, 32)):
         super().__init__(student, teacher)
-        _, student_feats = probe_features(student, image_shape)
-        _, teacher_feats = probe_features(teacher, image_shape)
+        (_, student_feats), (_, teacher_feats) = self.probe(image_shape)
         student_map, teacher_map = student_feats["feats"][-1], teacher_feats["feats"][-1]
         self.paraphraser = Paraphraser(teacher_map.shape[1], rate).to(teacher_map.device)
         self.translator = Translator(student_map.shape[1], teacher_map.shape[1],
@@ -116,7 +118,7 @@ class FT(Distiller):
     def stages(self, epochs):
         init = [Stage("init", self.init_epochs, parameters=lambda: list(
                     self.paraphraser.parameters()), lr=self.init_lr, schedule=False,
-                    eval_modules=("student",))] if self.init_epochs > 0 else []
+                    eval_modules=("student",), task_loss=False)] if self.init_epochs > 0 else []
         return init + [Stage("distill", epochs, parameters=lambda: [
             *self.student.parameters(), *self.translator.parameters()],
             eval_modules=("paraphraser",))]

@@ -77,7 +77,8 @@ class MLKD(Distiller):
         augment_ops: RandAugment ops per image of the strong view.
     """
 
-    teacher_logits_only = True
+    teacher_reads = frozenset({"logits"})
+    student_reads = frozenset({"logits"})
 
     def __init__(self, student, teacher, temperature=4.0, ce_weight=0.1, kd_weight=0.9,
                  logit_stand=False, augment_ops=2):
@@ -93,6 +94,10 @@ class MLKD(Distiller):
         return cls(student, teacher, temperature=cfg.MLKD.TEMPERATURE,
                    ce_weight=cfg.MLKD.LOSS.CE_WEIGHT, kd_weight=cfg.MLKD.LOSS.KD_WEIGHT,
                    logit_stand=cfg.MLKD.LOGIT_STAND, augment_ops=cfg.MLKD.AUGMENT_OPS)
+
+    def teacher_temperatures(self):
+        # Standardized logits are not the teacher's logits softened.
+        return None if self.logit_stand else self.temperatures
 
     def extra_batch_fields(self):
         return {"image_strong": RandAugmentView(self.augment_ops)}

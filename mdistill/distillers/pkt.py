@@ -40,6 +40,9 @@ class PKT(Distiller):
         ce_weight, feat_weight: weights of the two terms.
     """
 
+    teacher_reads = frozenset({"pooled_feat"})
+    student_reads = frozenset({"logits", "pooled_feat"})
+
     def __init__(self, student, teacher, ce_weight=1.0, feat_weight=30000.0):
         super().__init__(student, teacher)
         self.ce_weight = ce_weight

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..registry import DISTILLERS
-from .base import Distiller, probe_features
+from .base import Distiller
 
 
 class ABF(nn.Module):
@@ -118,6 +118,9 @@ class ReviewKD(Distiller):
             and the value that would match).
     """
 
+    teacher_reads = frozenset({"preact_feats", "pooled_feat"})
+    student_reads = frozenset({"logits", "feats", "pooled_feat"})
+
     def __init__(self, student, teacher, shapes=(1, 8, 16, 32), out_shapes=(1, 8, 16, 32),
                  in_channels=(64, 128, 256, 256), out_channels=(64, 128, 256, 256),
                  max_mid_channel=512, stu_preact=False, ce_weight=1.0, reviewkd_weight=1.0,
@@ -126,11 +129,12 @@ class ReviewKD(Distiller):
         self.shapes = list(shapes)
         self.out_shapes = list(out_shapes)
         self.stu_preact = stu_preact
+        if stu_preact:
+            self.student_reads = self.student_reads | {"preact_feats"}
         self.ce_weight = ce_weight
         self.reviewkd_weight = reviewkd_weight
         self.warmup_epochs = warmup_epochs
-        _, student_feats = probe_features(student, image_shape)
-        _, teacher_feats = probe_features(teacher, image_shape)
+        (_, student_feats), (_, teacher_feats) = self.probe(image_shape)
         check_review_shapes(student_levels(student_feats, stu_preact),
                             teacher_levels(teacher_feats), self.shapes, self.out_shapes,
                             list(in_channels), list(out_channels))

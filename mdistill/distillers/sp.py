@@ -36,6 +36,9 @@ class SP(Distiller):
         ce_weight, feat_weight: weights of the two terms.
     """
 
+    teacher_reads = frozenset({"feats"})
+    student_reads = frozenset({"logits", "feats"})
+
     def __init__(self, student, teacher, ce_weight=1.0, feat_weight=3000.0):
         super().__init__(student, teacher)
         self.ce_weight = ce_weight

@@ -10,6 +10,8 @@ class Vanilla(Distiller):
     """Plain supervised training of the student; no teacher is built."""
 
     requires_teacher = False
+    teacher_reads = frozenset()
+    student_reads = frozenset({"logits"})
 
     def forward_train(self, image, target, **batch):
         logits, _ = self.student(image)

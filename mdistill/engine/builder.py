@@ -8,6 +8,7 @@ import torch
 from ..data import (DATASETS, apply_split_options, build_dataset, build_test_loader,
                     build_train_loader)
 from ..distillers import DISTILLERS, build_distiller
+from ..distillers.teachers import CachedTeacher
 from ..errors import UserError
 from ..models import build_model, is_external
 from ..utils.dist import barrier, get_local_rank, get_rank, get_world_size
@@ -265,7 +266,7 @@ def build_experiment(cfg, device=None, load_teacher_weights=True, data=None):
     if teacher is not None:
         for model in teacher if isinstance(teacher, list) else [teacher]:
             model.to(device, memory_format=memory_format)
-    distiller = build_distiller(cfg, student, teacher, data).to(device)
+    distiller = build_distiller(cfg, student, teacher, data, batch_rows=train_batch).to(device)
 
     options = dict(mean=data.mean, std=data.std, rank=rank, world_size=world_size,
                    channels_last=cfg.SOLVER.CHANNELS_LAST, num_workers=cfg.DATASET.NUM_WORKERS)
@@ -278,7 +279,8 @@ def build_experiment(cfg, device=None, load_teacher_weights=True, data=None):
     val_loader = (build_test_loader(data.val, test_batch, device, **options)
                   if data.val is not None else None)
     # Last: the cache's key needs the loaded teacher and the loader's augmentation.
-    distiller.teacher_cache, cache_note = build_teacher_cache(cfg, distiller, data,
-                                                              train_loader, device)
+    cache, cache_note = build_teacher_cache(cfg, distiller, data, train_loader, device)
+    if cache is not None:
+        distiller.set_teacher_source(CachedTeacher(distiller.teacher, cache, train_batch))
     return Experiment(cfg, device, data, distiller, train_loader, test_loader, source,
                       cache_note, val_loader=val_loader)

@@ -68,6 +68,8 @@ class EpochMeter:
         self.correct = state.get("correct", 0.0)
         self.count = state.get("count", 0)
         self.steps = state.get("steps", 0)
+        # Steps fp16's gradient scaler skipped (an overflow) this epoch.
+        self.scaler_skips = state.get("scaler_skips", 0)
 
     def update(self, losses, correct, count):
         for name, value in losses.items():
@@ -84,7 +86,7 @@ class EpochMeter:
 
     def state_dict(self):
         return {"sums": dict(self.sums), "correct": self.correct, "count": self.count,
-                "steps": self.steps}
+                "steps": self.steps, "scaler_skips": self.scaler_skips}
 
 
 class Trainer:
@@ -143,10 +145,8 @@ class Trainer:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 self.distiller, self.distiller.ddp_ignored_names())
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # A method with stages leaves some parameters without a gradient in some
-            # stage (the student's classifier while RepDistiller's init trains its layers).
             self.model = DistributedDataParallel(self.distiller, device_ids=device_ids,
-                                                 find_unused_parameters=len(self.stages) > 1)
+                                                 find_unused_parameters=self.leaves_unused())
 
         self.epoch = 1              # the epoch in progress (1-based)
         self.global_step = 0        # optimizer steps taken
@@ -156,6 +156,7 @@ class Trainer:
         self.mid_epoch = False      # resumed inside an epoch
         self.skipped_steps = 0
         self.stop_signal = None
+        self.stop_seen = False      # DDP: a stop asked on any process, as of the last step
         # Running statistics the forward may move (BatchNorm's), restored when a step
         # is skipped; the teacher's never move (eval mode).
         self.forward_buffers = [buffer for name, module in self.distiller.named_modules()
@@ -164,6 +165,25 @@ class Trainer:
                                 for buffer in module.buffers()]
         # Called with "forward" and "step" as a step passes them (the benchmark times phases).
         self.phase_hook = None
+
+    def leaves_unused(self):
+        """Whether some stage leaves a parameter DDP synchronises without a gradient.
+
+        DDP waits for a gradient of every parameter it holds unless told to look
+        for unused ones (a graph traversal per step). A stage that trains only
+        some of them (FT's distillation no longer trains the paraphraser) leaves
+        the others without one, and so does a stage without the task loss (the
+        classifier while RepDistiller's init matches features).
+        """
+        ignored = set(self.distiller.ddp_ignored_names())
+        synced = {param for name, param in self.distiller.named_parameters()
+                  if param.requires_grad and name not in ignored}
+        for stage in self.stages:
+            trained = (stage.parameters() if stage.parameters is not None
+                       else self.distiller.get_learnable_parameters())
+            if stage.epochs > 0 and (not stage.task_loss or not synced <= set(trained)):
+                return True
+        return False
 
     # ----------------------------------------------------------------- state
     def autocast(self):
@@ -333,9 +353,9 @@ class Trainer:
         print_every = cfg.LOG.PRINT_FREQ if self.main and bar is None else 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        if self.distiller.teacher_cache is not None:    # the epoch's missing teacher logits
-            self.distiller.teacher_cache.prefill(self.distiller.teacher, self.train_loader,
-                                                 self.autocast)
+        source = self.distiller.teacher_source
+        if source is not None:          # work ahead: the cache's missing logits
+            source.before_epoch(self.train_loader, self.autocast)
         for batch in self.train_loader:
             values = self.run_step(batch)
             images += batch["target"].numel()
@@ -365,6 +385,8 @@ class Trainer:
             bar.close()
         elapsed = time.perf_counter() - start
         train = self.meter.means()
+        if self.meter.scaler_skips:
+            train["scaler_skipped_steps"] = self.meter.scaler_skips
         self.distiller.eval()
         # Every process evaluates the model rank 0 saves: its BatchNorm statistics (each
         # process's last forward moved its own). In fp32 whatever SOLVER.AMP, as
@@ -381,21 +403,30 @@ class Trainer:
                   "best_top1": self.best_acc, "epoch_time": elapsed,
                   "images_per_sec": images * max(1, get_world_size()) / max(elapsed, 1e-9),
                   "peak_memory_mb": peak_memory_mb(self.device)}
-        cache = self.distiller.teacher_cache
-        if cache is not None:       # its hit rate and size, in the log and metrics.jsonl
-            cache_line, record["teacher_cache"] = cache.epoch_report()
+        report = source.epoch_report() if source is not None else None
+        if report is not None:      # the cache's hit rate and size, in the log and metrics.jsonl
+            record["teacher_cache"] = report[1]
         self.history.append(record)
         self.log_epoch(record)
-        if cache is not None:
-            self.log(cache_line)
+        if report is not None:
+            self.log(report[0])
         self.save(epoch_complete=True, test=test, val=val)
         return True
 
     def stop_requested(self):
+        """Whether a signal asked any process to stop (under DDP: as of the last
+        step's all-reduce, so every process stops after the same step)."""
         if not is_distributed():
             return self.stop_signal is not None
-        flag = torch.tensor([float(self.stop_signal is not None)], device=self.device)
-        return all_reduce_sum(flag).item() > 0
+        return self.stop_seen
+
+    def discard_step(self, saved_buffers):
+        """Leave everything as before a step that is not taken: no state commit, no
+        diagnostics, the BatchNorm statistics the forward moved put back."""
+        self.distiller.clear_stash()
+        self.distiller.pop_diagnostics()
+        if saved_buffers is not None:
+            torch._foreach_copy_(self.forward_buffers, saved_buffers)
 
     def run_step(self, batch):
         """One training step on ``batch``; returns the loss values, or None if skipped.
@@ -406,28 +437,31 @@ class Trainer:
         is not finite is skipped whole: nothing is updated and the BatchNorm
         statistics the forward moved are put back.
         """
+        # fp16's scaler may skip a step too (an overflowing gradient).
         saved = ([buffer.clone() for buffer in self.forward_buffers]
-                 if self.cfg.SOLVER.SKIP_NONFINITE_STEPS > 0 else None)
+                 if self.cfg.SOLVER.SKIP_NONFINITE_STEPS > 0 or self.scaler.is_enabled()
+                 else None)
         with self.update_rule.forward_context(self.model), self.autocast():
             logits, losses = self.model(**batch)
         if self.phase_hook is not None:
             self.phase_hook("forward")
         loss = sum(losses.values())
         # Everything the host needs from this step in one transfer (one device sync):
-        # whether every process's loss is finite, the loss values, the correct count.
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        # whether every process's loss is finite and whether any process was asked
+        # to stop (one all-reduce for both), the loss values, the correct count.
+        flags = torch.stack([torch.isfinite(loss.detach()).float(),
+                             loss.new_full((), float(self.stop_signal is not None),
+                                           dtype=torch.float32)])
         if is_distributed():
-            finite = all_reduce_sum(finite) / get_world_size()
+            flags = all_reduce_sum(flags) / get_world_size()
         correct = topk_correct(logits.detach(), batch["target"], ks=(1,))[0]
-        stats = torch.cat([finite, loss.detach().float().reshape(1),
+        stats = torch.cat([flags, loss.detach().float().reshape(1),
                            torch.stack([value.detach().float() for value in losses.values()]),
                            correct.float().reshape(1)]).tolist()
+        self.stop_seen = stats.pop(1) > 0
         self.optimizer.zero_grad(set_to_none=True)
         if stats[0] < 1:
-            self.distiller.clear_stash()
-            self.distiller.pop_diagnostics()
-            if saved is not None:
-                torch._foreach_copy_(self.forward_buffers, saved)
+            self.discard_step(saved)
             self.skipped_steps += 1
             bad = [name for name, value in zip(losses, stats[2:-1]) if not math.isfinite(value)]
             where = f"loss {', '.join(bad) or 'on another process'} is not finite at epoch " \
@@ -438,7 +472,11 @@ class Trainer:
             self.log(f"{where}; step skipped ({self.skipped_steps}/"
                      f"{self.cfg.SOLVER.SKIP_NONFINITE_STEPS})")
             return None
-        self.update_rule.backward_and_step(losses, self.optimizer, self.scaler)
+        if not self.update_rule.backward_and_step(losses, self.optimizer, self.scaler):
+            # fp16's scaler skipped it: the student did not move, so nothing else may.
+            self.discard_step(saved)
+            self.meter.scaler_skips += 1
+            return None
         commit_step(self.distiller)
         if self.phase_hook is not None:
             self.phase_hook("step")
@@ -479,7 +517,9 @@ class Trainer:
             self.writer.add_scalar(f"test/{name}", test[name], step)
             if "val" in record:
                 self.writer.add_scalar(f"val/{name}", record["val"][name], step)
-        self.writer.add_scalar("test/best_top1", record["best_top1"], step)
+        # "best" is chosen on the validation split when there is one.
+        self.writer.add_scalar("val/best_top1" if "val" in record else "test/best_top1",
+                               record["best_top1"], step)
         self.writer.add_scalar("train/epoch", record["epoch"], step)
         self.writer.add_scalar("train/stage", self.stage_index, step)
         self.writer.add_scalar("perf/images_per_sec", record["images_per_sec"], step)

@@ -63,10 +63,31 @@ class BaseRule:
         return contextlib.nullcontext()
 
     def backward_and_step(self, losses, optimizer, scaler):
-        """Back-propagate ``losses`` (``{name: scalar}``) and step ``optimizer``."""
+        """Back-propagate ``losses`` (``{name: scalar}``) and step ``optimizer``.
+
+        Returns:
+            Whether the step was taken: False when fp16's GradScaler found an
+            overflow and skipped it (the trainer then commits nothing of the step).
+        """
         scaler.scale(sum(losses.values())).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        return scaled_step(optimizer, scaler)
+
+
+def scaled_step(optimizer, scaler):
+    """``scaler.step(optimizer)`` and ``scaler.update()``; whether the step was taken.
+
+    The scaler skips a step whose gradients overflowed and then lowers its scale
+    (and only then): a lower scale after the update means the step was skipped.
+    Without fp16 the scaler is disabled and every step is taken (the trainer has
+    already checked that the losses are finite).
+    """
+    if not scaler.is_enabled():
+        optimizer.step()
+        return True
+    before = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= before
 
 
 UPDATE_RULES.register("crd", BaseRule)
@@ -178,29 +199,29 @@ class DOTRule(BaseRule):
                             f"{', '.join(losses)}")
         params = [param for group in optimizer.param_groups for param in group["params"]]
         distillation = [value for name, value in losses.items() if name != TASK_LOSS]
-        kd_grads, kd_finite = {}, None
+        kd_grads, kd_overflow = {}, None
         if distillation:
             scaler.scale(sum(distillation)).backward(retain_graph=True)
             average_gradients(params)
             kd_grads = {param: param.grad for param in params if param.grad is not None}
             if scaler.is_enabled() and kd_grads:
-                inverse = scaler._get_scale_async().double().reciprocal().float()
                 grads = list(kd_grads.values())
-                torch._foreach_mul_(grads, inverse)
-                kd_finite = torch.stack([grad.sum() for grad in grads]).sum().isfinite()
+                torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
+                kd_overflow = torch.stack([grad.sum() for grad in grads]).sum().isfinite().logical_not()
             optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses[TASK_LOSS]).backward()
         average_gradients(params)
-        if kd_finite is not None:
-            # An overflow in the distillation gradient must skip the step too: mark
-            # a task gradient non-finite so that the scaler skips and lowers its scale.
+        if kd_overflow is not None:
+            # An overflow in the distillation gradient must skip the step too: make a
+            # task gradient infinite (a whole-tensor add, whatever its memory format),
+            # so that the scaler skips the step and lowers its scale as for any overflow.
             grad = next(param.grad for param in params if param.grad is not None)
-            grad.view(-1)[:1].copy_(torch.where(kd_finite, grad.view(-1)[:1],
-                                                torch.full_like(grad.view(-1)[:1], float("inf"))))
+            grad.add_(torch.where(kd_overflow, float("inf"), 0.0).to(grad.dtype))
         optimizer.set_distillation_grads(kd_grads)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.set_distillation_grads({})
+        try:
+            return scaled_step(optimizer, scaler)
+        finally:
+            optimizer.set_distillation_grads({})
 
 
 UPDATE_RULES.register("crd_dot", DOTRule)
