@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT, tiny_opts
 from mdistill.distillers import DISTILLERS
-from mdistill.engine.benchmark import benchmark_setting, whole_run
+from mdistill.analysis.benchmark import benchmark_setting, whole_run
 
 CONFIG = os.path.join(ROOT, "configs/cifar100/kd.yaml")
 # The models and method options test_distillers.py trains every method with.

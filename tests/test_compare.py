@@ -10,7 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, tiny_opts
-from mdistill.engine.compare import format_table, load_runs, plot_curves, summarize
+from mdistill.analysis.compare import format_table, load_runs, plot_curves, summarize
 from mdistill.engine.launch import train
 from mdistill.errors import UserError
 
@@ -70,6 +70,62 @@ def fake_run(folder, top1s, *opts):
             handle.write(json.dumps({"epoch": epoch, "test": {"top1": top1},
                                      "epoch_time": 1.0}) + "\n")
     return str(folder)
+
+
+def records_run(folder, records, *opts):
+    """A run folder whose metrics.jsonl holds ``records`` as given."""
+    fake_run(folder, [], *opts)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+    return str(folder)
+
+
+def staged(stage, epoch, top1, best):
+    """A record as the trainer writes it for a method with an init stage."""
+    return {"epoch": epoch, "stage": stage, "test": {"top1": top1}, "best_top1": best,
+            "epoch_time": 1.0}
+
+
+def test_best_ignores_the_epochs_of_an_init_stage(tmp_path):
+    # FSP-like: two init epochs (higher accuracy, another objective) then the method's.
+    records = [staged("init", 1, 90.0, -1.0), staged("init", 2, 95.0, -1.0),
+               staged("distill", 3, 40.0, 40.0), staged("distill", 4, 60.0, 60.0),
+               staged("distill", 5, 50.0, 60.0)]
+    records_run(tmp_path / "s0", records, "DISTILLER.TYPE", "FSP", "EXPERIMENT.SEED", "0")
+    # Seed 1 is still in its init stage: it has no best yet, and is left out of "best".
+    records_run(tmp_path / "s1", records[:2], "DISTILLER.TYPE", "FSP", "EXPERIMENT.SEED", "1")
+    runs = {run.seed: run for run in load_runs([str(tmp_path)], warn=lambda text: None)}
+    assert [record["epoch"] for record in runs[0].final_stage_records] == [3, 4, 5]
+    assert runs[0].best_top1 == 60.0 and runs[0].last_top1 == 50.0
+    assert runs[1].final_stage_records == [] and runs[1].best_top1 is None
+    (group,) = summarize(list(runs.values()), warn=lambda text: None)
+    assert group.best == (60.0, None)
+    assert group.last == pytest.approx((72.5, statistics.stdev([50.0, 95.0])))
+    assert "| FSP | 60.00 ± n/a |" in format_table([group])
+    # No run has reached the final stage: "n/a", not an init epoch's accuracy.
+    (early,) = summarize([runs[1]], warn=lambda text: None)
+    assert early.best == (None, None) and "| FSP | n/a | 95.00 ± n/a |" in format_table([early])
+    assert ",FSP,,n/a,n/a,95.0000," in format_table([early], "csv")
+
+
+def test_a_run_with_several_teachers_shows_them_all(tmp_path):
+    teachers = ("DISTILLER.TEACHERS", "[resnet56, wrn_40_2]")
+    fake_run(tmp_path / "s0", [70.0], *teachers, "EXPERIMENT.SEED", "0",
+             "DISTILLER.TEACHERS_WEIGHTS", "[/a/resnet56.pth, /a/wrn.pth]")
+    # DISTILLER.TEACHER is unused next to TEACHERS: a different value is still a seed.
+    fake_run(tmp_path / "s1", [72.0], *teachers, "EXPERIMENT.SEED", "1",
+             "DISTILLER.TEACHER", "vgg13")
+    fake_run(tmp_path / "one", [65.0], "DISTILLER.TEACHERS", "[resnet56]")
+    fake_run(tmp_path / "single", [60.0])
+    warnings = []
+    groups = summarize(load_runs([str(tmp_path)]), warn=warnings.append)
+    assert [(group.teacher, group.seeds) for group in groups] == [
+        ("resnet20", [0]), ("resnet56", [0]), ("resnet56+wrn_40_2", [0, 1])]
+    assert groups[2].runs[0].teachers == ["resnet56", "wrn_40_2"]
+    assert "| cifar100 | resnet56+wrn_40_2 | resnet8 | KD | 71.00 ± 1.41 |" in format_table(
+        groups)
+    # The two seeds name different teacher files (one gives none): averaged, with a warning.
+    assert len(warnings) == 1 and "DISTILLER.TEACHERS_WEIGHTS" in warnings[0]
 
 
 def test_runs_differing_in_more_than_the_seed_are_separate_rows(tmp_path):

@@ -16,7 +16,7 @@ from mdistill.data import DATASETS, ImageTensorDataset, apply_split_options, bui
 from mdistill.data import vision
 from mdistill.data.subsets import IndexedSubset
 from mdistill.engine.builder import build_experiment
-from mdistill.engine.compare import load_runs
+from mdistill.analysis.compare import load_runs
 from mdistill.engine.launch import train
 from mdistill.errors import UserError
 

@@ -23,9 +23,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mdistill.analysis.benchmark import (CACHE_MODES, DATA_MODES, benchmark_setting,  # noqa: E402
+                                         format_rows, report, whole_run)
 from mdistill.config import load_cfg  # noqa: E402
-from mdistill.engine.benchmark import (CACHE_MODES, DATA_MODES, benchmark_setting,  # noqa: E402
-                                       format_rows, report, whole_run)
 from mdistill.engine.builder import resolve_device  # noqa: E402
 from mdistill.utils.cli import run_main  # noqa: E402
 

@@ -10,8 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mdistill.engine.compare import (FORMATS, format_table, load_runs, plot_curves,  # noqa: E402
-                                     save_text, summarize)
+from mdistill.analysis.compare import (FORMATS, format_table, load_runs, plot_curves,  # noqa: E402
+                                       save_text, summarize)
 from mdistill.utils.cli import run_main  # noqa: E402
 
 

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mdistill.engine.eval_runs import evaluate_checkpoints  # noqa: E402
+from mdistill.analysis.eval_runs import evaluate_checkpoints  # noqa: E402
 from mdistill.utils.cli import run_main  # noqa: E402
 
 COLUMNS = ("path", "model", "dataset", "top1", "top5", "loss", "params", "images_per_sec")

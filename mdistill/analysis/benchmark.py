@@ -41,11 +41,11 @@ import torch
 
 from ..config import load_cfg
 from ..data import build_dataset
+from ..engine.builder import build_experiment, resolve_device
+from ..engine.checkpoint import save_checkpoint
+from ..engine.trainer import Trainer, peak_memory_mb
+from ..engine.update_rules import commit_step
 from ..utils.dist import get_world_size
-from .builder import build_experiment, resolve_device
-from .checkpoint import save_checkpoint
-from .trainer import Trainer, peak_memory_mb
-from .update_rules import commit_step
 
 CACHE_MODES = ("off", "cold", "warm")
 DATA_MODES = ("synthetic", "real")

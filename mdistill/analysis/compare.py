@@ -35,11 +35,11 @@ RUN_FILES = ("metrics.jsonl", "log.txt")
 NEUTRAL_KEYS = {"EXPERIMENT.SEED", "EXPERIMENT.NAME", "EXPERIMENT.PROJECT", "DATASET.ROOT",
                 "DATASET.DOWNLOAD", "DATASET.NUM_WORKERS", "DATASET.TEST.BATCH_SIZE", "DEVICE",
                 "SOLVER.COMPILE", "SOLVER.SKIP_NONFINITE_STEPS", "DISTILLER.TEACHER_WEIGHTS",
-                "DISTILLER.TEACHER_CACHE"}
+                "DISTILLER.TEACHERS_WEIGHTS", "DISTILLER.TEACHER_CACHE"}
 NEUTRAL_SECTIONS = ("LOG.",)
 # A path differs from machine to machine for the same teacher, so runs are not split
 # by it; a group whose runs name different teacher files gets a warning instead.
-WARNED_KEYS = ("DISTILLER.TEACHER_WEIGHTS",)
+WARNED_KEYS = ("DISTILLER.TEACHER_WEIGHTS", "DISTILLER.TEACHERS_WEIGHTS")
 
 
 def warn_to_stderr(text):
@@ -73,10 +73,20 @@ class Run:
         return self.config["DATASET.TYPE"]
 
     @property
+    def teachers(self):
+        """The teachers' model names: DISTILLER.TEACHERS when it lists several, else
+        DISTILLER.TEACHER; empty for the student alone."""
+        if self.is_student_alone:
+            # A run without a teacher still has the key (a default, or the teacher of
+            # the config it was started from); it means nothing there.
+            return []
+        return list(self.config["DISTILLER.TEACHERS"]) or [self.config["DISTILLER.TEACHER"]]
+
+    @property
     def teacher(self):
-        # A run without a teacher still has the key (a default, or the teacher of
-        # the config it was started from); it means nothing there.
-        return "-" if self.is_student_alone else self.config["DISTILLER.TEACHER"]
+        """The teachers joined by ``+`` as in the run's folder name
+        (``resnet56+wrn_40_2``), or ``-`` for the student alone."""
+        return "+".join(self.teachers) or "-"
 
     @property
     def student(self):
@@ -91,12 +101,34 @@ class Run:
         return self.config["SOLVER.EPOCHS"]
 
     @property
+    def final_stage_records(self):
+        """The records of the final stage's epochs, among which the trainer picks its
+        best: a method with an init stage (FSP, AB, FT) first trains other
+        parameters, and those epochs' accuracies are not the method's result.
+
+        Records name their stage; the trainer's ``best_top1`` is negative until the
+        final stage starts, which tells a run still in an init stage (no final
+        epoch yet: empty) from a method whose one stage is its last. Records
+        written before they named the stage all count.
+        """
+        last = self.records[-1]
+        if "stage" not in last:
+            return list(self.records)
+        if last.get("best_top1", 0.0) < 0:
+            return []
+        return [record for record in self.records if record.get("stage") == last["stage"]]
+
+    @property
     def best_top1(self):
-        if all("val" in record for record in self.records):
+        """Test top-1 of the best epoch of the final stage (None before it starts)."""
+        records = self.final_stage_records
+        if not records:
+            return None
+        if all("val" in record for record in records):
             # A validation split chose the best epoch: its test top-1 (the last of ties).
-            return max(reversed(self.records), key=lambda record: record["val"]["top1"])[
+            return max(reversed(records), key=lambda record: record["val"]["top1"])[
                 "test"]["top1"]
-        return max(record["test"]["top1"] for record in self.records)
+        return max(record["test"]["top1"] for record in records)
 
     @property
     def last_top1(self):
@@ -120,9 +152,11 @@ class Run:
         items = {}
         for key, value in self.config.items():
             section = key.split(".")[0]
-            if (key in NEUTRAL_KEYS or key.startswith(NEUTRAL_SECTIONS)
-                    or (section in sections and section != own)
-                    or (self.is_student_alone and key == "DISTILLER.TEACHER")):
+            # DISTILLER.TEACHER means nothing without a teacher or with TEACHERS set.
+            unused_teacher = key == "DISTILLER.TEACHER" and (
+                self.is_student_alone or self.config["DISTILLER.TEACHERS"])
+            if (key in NEUTRAL_KEYS or key.startswith(NEUTRAL_SECTIONS) or unused_teacher
+                    or (section in sections and section != own)):
                 continue
             items[key] = tuple(value) if isinstance(value, list) else value
         return items
@@ -259,8 +293,11 @@ def load_runs(paths, warn=None):
 
 
 def mean_std(values):
-    """``(mean, sample standard deviation)``; the deviation is None for one value."""
-    values = [float(value) for value in values]
+    """``(mean, sample standard deviation)`` of the values that are not None; the
+    deviation is None for one value, both are None for none."""
+    values = [float(value) for value in values if value is not None]
+    if not values:
+        return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
@@ -272,7 +309,9 @@ class Group:
     seed and :data:`NEUTRAL_KEYS`. ``best`` and ``last`` are ``(mean, sample
     std)`` over the runs of the best epoch's and the last finished epoch's test
     top-1 (mdistiller reports the former, RepDistiller the latter); the std is
-    None for a single run.
+    None for a single run. The best epoch is one of the final stage's (see
+    :attr:`Run.final_stage_records`); a run still in an init stage has none and
+    is left out of ``best`` (both None when every run is).
 
     Attributes:
         settings: ``{key: value}`` of the keys that tell this group apart from
@@ -435,7 +474,13 @@ def _epochs(group):
 
 def _mean_std_cell(mean_std_pair):
     mean, std = mean_std_pair
+    if mean is None:
+        return "n/a"
     return f"{mean:.2f} ± {'n/a' if std is None else f'{std:.2f}'}"
+
+
+def _number(value, decimals=4):
+    return "n/a" if value is None else f"{value:.{decimals}f}"
 
 
 MARKDOWN_COLUMNS = ("dataset", "teacher", "student", "method", "best top-1", "last top-1",
@@ -467,8 +512,8 @@ def format_table(groups, fmt="markdown"):
             (best, best_std), (last, last_std) = group.best, group.last
             writer.writerow([
                 group.dataset, group.teacher, group.student, group.runs[0].label,
-                group.settings_text, f"{best:.4f}", "n/a" if best_std is None else f"{best_std:.4f}",
-                f"{last:.4f}", "n/a" if last_std is None else f"{last_std:.4f}",
+                group.settings_text, _number(best), _number(best_std),
+                _number(last), _number(last_std),
                 len(group.runs), " ".join(str(seed) for seed in group.seeds),
                 group.epochs_finished[0], group.epochs_planned, f"{group.train_time:.1f}"])
         return text.getvalue().rstrip("\n")

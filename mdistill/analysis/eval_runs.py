@@ -9,11 +9,11 @@ import torch
 
 from ..config import cfg_from_text, get_cfg, load_cfg
 from ..data import build_test_loader
+from ..engine.builder import build_configured_dataset, resolve_device
+from ..engine.checkpoint import extract_state_dict, load_checkpoint, load_model_weights
+from ..engine.evaluate import evaluate
 from ..errors import UserError
 from ..models import build_model
-from .builder import build_configured_dataset, resolve_device
-from .checkpoint import extract_state_dict, load_checkpoint, load_model_weights
-from .evaluate import evaluate
 
 
 @dataclass
