@@ -10,9 +10,11 @@ of a step, is done once per view instead of once per step.
 
 What it stores: one file per key under DISTILLER.TEACHER_CACHE. The key is
 everything the logits depend on: the teacher's weights (a hash of its state
-dict), the training images (a hash of their bytes), the augmentation
-(padding, normalisation, memory format), the precision (AMP and the logits'
-dtype) and the machine (processor or GPU model, torch version). Another key
+dict) and code (a hash of the source of its modules' classes), the training
+images (a hash of their bytes), the augmentation (padding, normalisation,
+memory format), the precision (AMP and the logits' dtype), the machine
+(processor or GPU model) and the libraries (torch, torchvision and timm
+versions). Another key
 is another file, so a mismatch starts a new file and never reads a wrong one.
 
 The file is a header followed by two fixed-size arrays, memory-mapped: a
@@ -46,8 +48,11 @@ the live teacher computes it at its own size, the cache at the batch size.
 """
 import fcntl
 import hashlib
+import inspect
 import json
 import os
+import sys
+from importlib import metadata
 
 import numpy as np
 import torch
@@ -321,6 +326,37 @@ def teacher_fingerprint(teacher):
     return hasher.hexdigest()
 
 
+def code_fingerprint(model):
+    """SHA-256 of the code of every class among ``model.modules()``.
+
+    Each class counts by its qualified name and the source of the module file
+    that defines it (a helper function beside the class can change its
+    forward too), or the class's own source, or its name alone where no source
+    can be read (a class defined interactively or compiled).
+    """
+    hasher = hashlib.sha256()
+    classes = {type(module) for module in model.modules()}
+    for cls in sorted(classes, key=lambda cls: (cls.__module__, cls.__qualname__)):
+        source = ""
+        for owner in (sys.modules.get(cls.__module__), cls):
+            try:
+                source = inspect.getsource(owner)
+                break
+            except (OSError, TypeError):
+                continue
+        hasher.update(f"{cls.__module__}.{cls.__qualname__}\n".encode())
+        hasher.update(hashlib.sha256(source.encode()).digest())
+    return hasher.hexdigest()
+
+
+def installed_version(package):
+    """The installed version of ``package`` (a distribution name), or None."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def data_fingerprint(images):
     """SHA-256 of the training images (uint8 ``[N, 3, H, W]``), in dataset order."""
     hasher = hashlib.sha256()
@@ -381,12 +417,16 @@ def build_teacher_cache(cfg, distiller, data, train_loader, device):
     num_classes, dtype = probe_logits(distiller.teacher, tuple(images.shape[1:]), device,
                                       AMP_DTYPES[cfg.SOLVER.AMP], cfg.SOLVER.CHANNELS_LAST)
     key = {"teacher": {"arch": cfg.DISTILLER.TEACHER,
-                       "weights": teacher_fingerprint(distiller.teacher)},
+                       "weights": teacher_fingerprint(distiller.teacher),
+                       # Another version of the model's code may compute other logits.
+                       "code": code_fingerprint(distiller.teacher)},
            "data": {"images": data_fingerprint(images), "shape": list(images.shape)},
            "augmentation": {"crop_padding": CROP_PADDING, "mean": list(data.mean),
                             "std": list(data.std), "channels_last": cfg.SOLVER.CHANNELS_LAST},
            "precision": {"amp": cfg.SOLVER.AMP},
-           "machine": {"device": machine_name(device), "torch": torch.__version__},
+           "machine": {"device": machine_name(device), "torch": torch.__version__,
+                       "torchvision": installed_version("torchvision"),
+                       "timm": installed_version("timm")},
            # Logits may depend on the forward's size (see the module docstring).
            "batch_size": train_loader.batch_size}
     cache = TeacherCache(folder, key, len(images), span, num_classes, dtype)
