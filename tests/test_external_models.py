@@ -19,7 +19,7 @@ from mdistill.engine.launch import train
 from mdistill.engine.trainer import Trainer
 from mdistill.errors import UserError
 from mdistill.models import build_model
-from mdistill.models.external import MissingStages, _tokens_to_map
+from mdistill.models.external import ExternalFeats, _tokens_to_map
 
 CONFIG = os.path.join(ROOT, "configs/cifar100/kd.yaml")
 NO_TIMM = "timm is an optional extra (pip install -e \".[timm]\"), not installed here"
@@ -45,7 +45,10 @@ def test_torchvision_resnet_gives_its_stages_in_mdistills_contract():
         assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(feats["pooled_feat"], pooled, atol=1e-5)
     assert torch.allclose(logits, network.fc(pooled), atol=1e-5)
-    assert len(feats["preact_feats"]) == len(feats["feats"])
+    # torchvision exposes no pre-activation maps, so none are made up.
+    with pytest.raises(UserError, match=r"torchvision:resnet18 gives no pre-activation maps "
+                                        r"\('preact_feats'\)"):
+        feats["preact_feats"]
 
 
 def test_without_small_input_the_imagenet_stem_is_kept():
@@ -225,7 +228,7 @@ def test_fitnet_names_the_stage_whose_maps_cannot_pair(cifar_root, teacher_file,
 
 
 def test_a_model_without_known_stages_stops_feature_methods_with_its_name():
-    feats = MissingStages(torch.zeros(2, 4), "torchvision:googlenet")
+    feats = ExternalFeats("torchvision:googlenet", pooled_feat=torch.zeros(2, 4))
     assert feats["pooled_feat"].shape == (2, 4)
     with pytest.raises(UserError, match=r"torchvision:googlenet gives no stage feature maps"):
         feats["feats"]

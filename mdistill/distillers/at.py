@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 
+from ..models import pair_model_stages
 from ..registry import DISTILLERS
 from .base import Distiller
 
@@ -39,33 +40,46 @@ def at_loss(student_feature, teacher_feature, p):
 
 @DISTILLERS.register("AT")
 class AT(Distiller):
-    """Cross-entropy plus attention transfer on every stage (``feats[1:]``).
+    """Cross-entropy plus attention transfer on every paired stage.
 
     ``loss_ce = ce_weight * CE`` and ``loss_feat = feat_weight * sum over
-    stages of at_loss``; when one model has more stages, the extra ones are
-    left out (stages are paired from the first).
+    paired stages of at_loss``. Stages pair by what the models declare
+    (:func:`~mdistill.models.pair_stages`): stems are left out, the others pair
+    from the deepest backwards, and the shallowest stages of the model with
+    more are left out. For mdistiller's CIFAR pairs (equal stage counts) this is
+    its ``feats[1:]`` pairing.
 
     Args:
         student, teacher: the models.
         p: exponent of the attention map.
         ce_weight, feat_weight: weights of the two terms.
+        image_shape: ``(C, H, W)`` of the inputs, at which the stages are probed.
     """
 
-    def __init__(self, student, teacher, p=2, ce_weight=1.0, feat_weight=1000.0):
+    teacher_reads = frozenset({"feats"})
+    student_reads = frozenset({"logits", "feats"})
+
+    def __init__(self, student, teacher, p=2, ce_weight=1.0, feat_weight=1000.0,
+                 image_shape=(3, 32, 32)):
         super().__init__(student, teacher)
         self.p = p
         self.ce_weight = ce_weight
         self.feat_weight = feat_weight
+        (_, student_feats), (_, teacher_feats) = self.probe(image_shape)
+        self.stage_pairs = pair_model_stages(student, teacher, image_shape,
+                                             student_feats, teacher_feats)
 
     @classmethod
     def from_config(cls, cfg, student, teacher, data_info=None):
+        size = getattr(data_info, "image_size", 32)
         return cls(student, teacher, p=cfg.AT.P, ce_weight=cfg.AT.LOSS.CE_WEIGHT,
-                   feat_weight=cfg.AT.LOSS.FEAT_WEIGHT)
+                   feat_weight=cfg.AT.LOSS.FEAT_WEIGHT, image_shape=(3, size, size))
 
     def forward_train(self, image, target, **batch):
         logits, feats = self.student(image)
         _, teacher_feats = self.teacher_forward(image)
-        pairs = list(zip(feats["feats"][1:], teacher_feats["feats"][1:]))
+        student_maps, teacher_maps = feats["feats"], teacher_feats["feats"]
+        pairs = [(student_maps[s], teacher_maps[t]) for s, t in self.stage_pairs]
         # fp32 throughout: squares of fp16 activations overflow and their
         # normalised differences underflow.
         with torch.autocast(image.device.type, enabled=False):

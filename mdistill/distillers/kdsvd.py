@@ -3,6 +3,7 @@ Value Decomposition" (ECCV 2018)."""
 import torch
 import torch.nn.functional as F
 
+from ..models import pair_model_stages
 from ..registry import DISTILLERS
 from .base import Distiller, match_spatial_size
 
@@ -91,30 +92,46 @@ def kdsvd_loss(student_features, teacher_features, k=1):
 
 @DISTILLERS.register("KDSVD")
 class KDSVD(Distiller):
-    """Cross-entropy plus SVD-based distillation of every stage (``feats[1:]``).
+    """Cross-entropy plus SVD-based distillation of the paired stages.
+
+    Stages pair by what the models declare (:func:`~mdistill.models.pair_stages`:
+    stems left out, the others paired from the deepest backwards), which for
+    mdistiller's CIFAR pairs is its ``feats[1:]`` pairing; the pairs enter
+    :func:`kdsvd_loss` from the shallowest to the deepest.
 
     Args:
         student, teacher: the models.
         k: singular vectors of the teacher transferred per stage.
         ce_weight, feat_weight: weights of the two terms.
+        image_shape: ``(C, H, W)`` of the inputs, at which the stages are probed.
     """
 
-    def __init__(self, student, teacher, k=1, ce_weight=1.0, feat_weight=1.0):
+    teacher_reads = frozenset({"feats"})
+    student_reads = frozenset({"logits", "feats"})
+
+    def __init__(self, student, teacher, k=1, ce_weight=1.0, feat_weight=1.0,
+                 image_shape=(3, 32, 32)):
         super().__init__(student, teacher)
         self.k = k
         self.ce_weight = ce_weight
         self.feat_weight = feat_weight
+        (_, student_feats), (_, teacher_feats) = self.probe(image_shape)
+        self.stage_pairs = pair_model_stages(student, teacher, image_shape,
+                                             student_feats, teacher_feats)
 
     @classmethod
     def from_config(cls, cfg, student, teacher, data_info=None):
+        size = getattr(data_info, "image_size", 32)
         return cls(student, teacher, k=cfg.KDSVD.K, ce_weight=cfg.KDSVD.LOSS.CE_WEIGHT,
-                   feat_weight=cfg.KDSVD.LOSS.FEAT_WEIGHT)
+                   feat_weight=cfg.KDSVD.LOSS.FEAT_WEIGHT, image_shape=(3, size, size))
 
     def forward_train(self, image, target, **batch):
         logits, feats = self.student(image)
         _, teacher_feats = self.teacher_forward(image)
+        student_maps = [feats["feats"][s] for s, _ in self.stage_pairs]
+        teacher_maps = [teacher_feats["feats"][t] for _, t in self.stage_pairs]
         # fp32: SVD has no half-precision kernels.
         with torch.autocast(image.device.type, enabled=False):
-            transfer = kdsvd_loss(feats["feats"][1:], teacher_feats["feats"][1:], self.k)
+            transfer = kdsvd_loss(student_maps, teacher_maps, self.k)
         return logits, {"loss_ce": self.ce_weight * F.cross_entropy(logits.float(), target),
                         "loss_feat": self.feat_weight * transfer}

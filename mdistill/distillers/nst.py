@@ -3,6 +3,7 @@ Transfer" (2017)."""
 import torch
 import torch.nn.functional as F
 
+from ..models import pair_model_stages
 from ..registry import DISTILLERS
 from .base import Distiller, match_spatial_size
 
@@ -36,30 +37,43 @@ def nst_loss(student_feature, teacher_feature):
 
 @DISTILLERS.register("NST")
 class NST(Distiller):
-    """Cross-entropy plus neuron selectivity transfer on every stage (``feats[1:]``).
+    """Cross-entropy plus neuron selectivity transfer on every paired stage.
 
     ``loss_ce = ce_weight * CE`` and ``loss_feat = feat_weight * sum over
-    stages of nst_loss``; stages are paired from the first, extra ones left out.
+    paired stages of nst_loss``. Stages pair by what the models declare
+    (:func:`~mdistill.models.pair_stages`: stems left out, the others paired
+    from the deepest backwards), which for mdistiller's CIFAR pairs is its
+    ``feats[1:]`` pairing.
 
     Args:
         student, teacher: the models.
         ce_weight, feat_weight: weights of the two terms.
+        image_shape: ``(C, H, W)`` of the inputs, at which the stages are probed.
     """
 
-    def __init__(self, student, teacher, ce_weight=1.0, feat_weight=50.0):
+    teacher_reads = frozenset({"feats"})
+    student_reads = frozenset({"logits", "feats"})
+
+    def __init__(self, student, teacher, ce_weight=1.0, feat_weight=50.0,
+                 image_shape=(3, 32, 32)):
         super().__init__(student, teacher)
         self.ce_weight = ce_weight
         self.feat_weight = feat_weight
+        (_, student_feats), (_, teacher_feats) = self.probe(image_shape)
+        self.stage_pairs = pair_model_stages(student, teacher, image_shape,
+                                             student_feats, teacher_feats)
 
     @classmethod
     def from_config(cls, cfg, student, teacher, data_info=None):
+        size = getattr(data_info, "image_size", 32)
         return cls(student, teacher, ce_weight=cfg.NST.LOSS.CE_WEIGHT,
-                   feat_weight=cfg.NST.LOSS.FEAT_WEIGHT)
+                   feat_weight=cfg.NST.LOSS.FEAT_WEIGHT, image_shape=(3, size, size))
 
     def forward_train(self, image, target, **batch):
         logits, feats = self.student(image)
         _, teacher_feats = self.teacher_forward(image)
-        pairs = zip(feats["feats"][1:], teacher_feats["feats"][1:])
+        student_maps, teacher_maps = feats["feats"], teacher_feats["feats"]
+        pairs = [(student_maps[s], teacher_maps[t]) for s, t in self.stage_pairs]
         # fp32: the squared kernel of half-precision dot products loses the small MMD.
         with torch.autocast(image.device.type, enabled=False):
             transfer = sum((nst_loss(student, teacher) for student, teacher in pairs),

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..models import pair_model_stages
 from ..registry import DISTILLERS
-from .base import Distiller, match_spatial_size, probe_features
+from .base import Distiller, match_spatial_size
 
 
 def vid_regressor(in_channels, out_channels):
@@ -34,9 +35,11 @@ def vid_loss(predicted_mean, teacher_feature, log_scale, eps=1e-5):
 
 @DISTILLERS.register("VID")
 class VID(Distiller):
-    """Cross-entropy plus variational information distillation on every stage.
+    """Cross-entropy plus variational information distillation on every paired stage.
 
-    For each pair of stages in ``feats[1:]`` (paired from the first), a
+    Stages pair by what the models declare (:func:`~mdistill.models.pair_stages`:
+    stems left out, the others paired from the deepest backwards, which for
+    mdistiller's CIFAR pairs is its ``feats[1:]`` pairing). For each pair, a
     regressor maps the student's map (average-pooled to the teacher's size
     when larger, or the teacher's pooled to the student's) to the mean of a
     Gaussian over the teacher's map, with a learned per-channel variance.
@@ -48,8 +51,11 @@ class VID(Distiller):
         ce_weight, feat_weight: weights of the two terms.
         init_pred_var: the variances' initial value.
         eps: floor added to the variances.
-        image_shape: ``(C, H, W)`` of the inputs, used to probe the stage widths.
+        image_shape: ``(C, H, W)`` of the inputs, used to probe the stages.
     """
+
+    teacher_reads = frozenset({"feats"})
+    student_reads = frozenset({"logits", "feats"})
 
     def __init__(self, student, teacher, ce_weight=1.0, feat_weight=1.0, init_pred_var=5.0,
                  eps=1e-5, image_shape=(3, 32, 32)):
@@ -57,9 +63,11 @@ class VID(Distiller):
         self.ce_weight = ce_weight
         self.feat_weight = feat_weight
         self.eps = eps
-        _, student_feats = probe_features(student, image_shape)
-        _, teacher_feats = probe_features(teacher, image_shape)
-        pairs = list(zip(student_feats["feats"][1:], teacher_feats["feats"][1:]))
+        (_, student_feats), (_, teacher_feats) = self.probe(image_shape)
+        self.stage_pairs = pair_model_stages(student, teacher, image_shape,
+                                             student_feats, teacher_feats)
+        pairs = [(student_feats["feats"][s], teacher_feats["feats"][t])
+                 for s, t in self.stage_pairs]
         self.regressors = nn.ModuleList(vid_regressor(s.shape[1], t.shape[1]) for s, t in pairs)
         # softplus(log_scale) + eps == init_pred_var at the start.
         start = math.log(math.expm1(init_pred_var - eps))
@@ -80,8 +88,10 @@ class VID(Distiller):
         logits, feats = self.student(image)
         _, teacher_feats = self.teacher_forward(image)
         transfer = torch.zeros((), device=image.device)
-        for regressor, log_scale, student_feature, teacher_feature in zip(
-                self.regressors, self.log_scales, feats["feats"][1:], teacher_feats["feats"][1:]):
+        for regressor, log_scale, (student_index, teacher_index) in zip(
+                self.regressors, self.log_scales, self.stage_pairs):
+            student_feature = feats["feats"][student_index]
+            teacher_feature = teacher_feats["feats"][teacher_index]
             student_feature, teacher_feature = match_spatial_size(student_feature, teacher_feature)
             predicted = regressor(student_feature)
             with torch.autocast(image.device.type, enabled=False):

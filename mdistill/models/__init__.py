@@ -1,10 +1,13 @@
 """The model zoo. Importing this package registers every model.
 
 Every model's ``forward(x)`` returns ``(logits, feats)`` where ``feats`` is a
-dict: ``"feats"`` (feature maps, the stem first, then one per stage, placed as
-in mdistiller), ``"preact_feats"`` (the same positions before the stage's last
-ReLU) and ``"pooled_feat"`` (the vector the classifier reads). Each family's
-module docstring lists its maps and their shapes.
+dict: ``"feats"`` (feature maps, placed as in mdistiller: the stem first where
+the class declares ``stem_map``, then one per stage), ``"preact_feats"`` (the
+same positions before the stage's last ReLU; zoo models only) and
+``"pooled_feat"`` (the vector the classifier reads). Each family's module
+docstring lists its maps and their shapes. :mod:`.stages` says what a model
+really gives (:func:`provided_outputs`), what each map is (:func:`stage_info`)
+and which maps of two models pair (:func:`pair_stages`).
 
 Example::
 
@@ -16,8 +19,12 @@ from ..registry import CIFAR_MODELS, IMAGENET_MODELS
 from . import cifar, imagenet  # noqa: F401  (registration)
 from .external import build_external, is_external
 from .imagenet import torchvision_weights
+from .stages import (MODEL_OUTPUTS, StageInfo, model_name, pair_model_stages, pair_stages,
+                     provided_outputs, stage_info)
 
-__all__ = ["build_model", "is_external", "model_names", "torchvision_weights"]
+__all__ = ["MODEL_OUTPUTS", "StageInfo", "build_model", "is_external", "model_name",
+           "model_names", "pair_model_stages", "pair_stages", "provided_outputs", "stage_info",
+           "torchvision_weights"]
 
 
 def _registry(dataset):
@@ -38,14 +45,17 @@ def build_model(name, num_classes, dataset="cifar100", **options):
             ``image_size``, ``small_input``, ``pretrained``.
 
     Returns:
-        An ``nn.Module`` whose ``forward`` returns ``(logits, feats)``.
+        An ``nn.Module`` whose ``forward`` returns ``(logits, feats)``; its
+        ``name`` attribute is ``name``.
 
     Raises:
         UserError: unknown name (the valid ones are listed, sorted).
     """
     if is_external(name):
         return build_external(name, num_classes, **options)
-    return _registry(dataset).get(name)(num_classes=num_classes)
+    model = _registry(dataset).get(name)(num_classes=num_classes)
+    model.name = name       # for messages that name the model (not in the state dict)
+    return model
 
 
 def model_names(dataset="cifar100"):

@@ -2,9 +2,9 @@
 
 ``build_model("torchvision:resnet50", 10)`` or ``build_model("timm:convnext_tiny", 10)``
 returns a model with mdistill's contract: ``forward(x)`` gives ``(logits, feats)``
-with ``feats = {"feats": [...], "preact_feats": [...], "pooled_feat": ...}``, so
-logit methods (KD, DKD, ...) and feature methods (FitNet, AT, CRD, RKD, ...) pair
-it with any other model.
+with ``feats = {"feats": [...], "pooled_feat": ...}``, so logit methods (KD,
+DKD, ...) and feature methods (FitNet, AT, CRD, RKD, ...) pair it with any other
+model.
 
 ``feats`` are the stage outputs, found per family:
 
@@ -18,10 +18,20 @@ it with any other model.
 * timm, through ``forward_intermediates`` (its stage outputs; for a vision
   transformer four evenly spaced blocks, tokens reshaped to maps by timm).
 
-``preact_feats`` repeat ``feats`` (the libraries expose no pre-activations).
-``pooled_feat`` is what the last linear layer reads. A model of another family
-still trains with logit methods; a feature method then stops with an error
-naming the model.
+Whether ``feats[0]`` is a stem map (``stem_map``, see :mod:`.stages`) is
+declared per family: the ResNet, RegNet and ShuffleNet V2 stems and a torchvision
+transformer's patch embedding are; a timm vision transformer has no stem map;
+for the other families the first map is the stem's when it lies at a nominal
+stride below 4 (:data:`FIRST_STAGE_STRIDE`, the stride of a backbone's first
+stage: ResNet's ``layer1``, timm's ``feature_info`` reductions).
+
+There are no ``preact_feats``: the libraries expose their stage outputs after
+the activation only, and a copy of them would train methods of pre-activation
+maps (AB, ReviewKD's STU_PREACT, OFD) on a loss the model cannot reduce; reading
+them raises an error naming the model. :meth:`ExternalClassifier.provided_outputs`
+says what is there. ``pooled_feat`` is what the last linear layer reads. A model
+of another family still trains with logit methods; a feature method then stops
+with an error naming the model.
 
 The network's parameters live under ``network.``; :meth:`ExternalClassifier.adapt_state_dict`
 also accepts the library's own keys, so a checkpoint saved from a plain
@@ -35,11 +45,14 @@ import torch
 from torch import nn
 
 from ..errors import UserError, unknown_choice
-from .common import feature_dict, global_pool
+from .common import global_pool
 
 PREFIXES = ("torchvision:", "timm:")
 #: Encoder blocks of a vision transformer whose tokens become ``feats``.
 VIT_STAGES = 4
+#: The nominal stride of a backbone's first stage (ResNet's layer1, FPN's C2,
+#: timm's feature_info): a first map finer than this is the stem's.
+FIRST_STAGE_STRIDE = 4
 
 
 def is_external(name):
@@ -70,27 +83,53 @@ def build_external(name, num_classes, image_size=32, small_input=False, pretrain
     return TimmClassifier(arch, num_classes, image_size, small_input, pretrained)
 
 
-class MissingStages(dict):
-    """The ``feats`` of a model whose stage outputs are unknown: the pooled
-    feature is there, asking for the maps raises a UserError that says why."""
+class ExternalFeats(dict):
+    """The ``feats`` of a library model: what it really gives. Asking for
+    anything else (``preact_feats``; ``feats`` of a family whose stages are
+    unknown) raises a UserError naming the model and saying why.
 
-    def __init__(self, pooled_feat, name):
-        super().__init__(pooled_feat=pooled_feat)
+    Args:
+        name: the model's name.
+        **outputs: ``feats`` when the stages are known, ``pooled_feat``.
+    """
+
+    def __init__(self, name, **outputs):
+        super().__init__(**outputs)
         self.name = name
 
     def __missing__(self, key):
-        raise UserError(f"{self.name} gives no stage feature maps ({key!r}), which this "
-                        f"method needs: use a logit method (KD, ...) or a model of a "
-                        f"supported family (see mdistill/models/external.py)")
+        if key == "preact_feats":
+            raise UserError(f"{self.name} gives no pre-activation maps ('preact_feats'): "
+                            f"torchvision and timm expose stage outputs after their "
+                            f"activation only; use a method that reads 'feats', or a zoo model")
+        if key == "feats":
+            raise UserError(f"{self.name} gives no stage feature maps ('feats'), which this "
+                            f"method needs: use a logit method (KD, ...) or a model of a "
+                            f"supported family (see mdistill/models/external.py)")
+        if key == "pooled_feat":
+            raise UserError(f"{self.name} gives no pooled feature ('pooled_feat'): its "
+                            f"classifier is not a last linear layer; use a logit method (KD, ...)")
+        raise KeyError(key)
 
 
 class ExternalClassifier(nn.Module):
     """A library classifier (``self.network``) behind mdistill's forward contract."""
 
+    #: Whether ``feats[0]`` is the stem's map; set per family at construction.
+    stem_map = True
+
     def __init__(self, name, network):
         super().__init__()
         self.name = name
         self.network = network
+        self.has_stages = False
+        self.has_pooled = True
+
+    def provided_outputs(self):
+        """What the model really gives (see :func:`mdistill.models.provided_outputs`):
+        ``logits``, ``pooled_feat`` and, when its stages are known, ``feats``."""
+        return frozenset({"logits"} | ({"pooled_feat"} if self.has_pooled else set())
+                         | ({"feats"} if self.has_stages else set()))
 
     def adapt_state_dict(self, state):
         """Accept the library's own keys (without ``network.``) as well as ours."""
@@ -121,14 +160,19 @@ class TorchvisionClassifier(ExternalClassifier):
                                                **options)
         if pretrained:
             _load_pretrained_torchvision(network, arch)
+        removed = 1
         if small_input and "image_size" not in options:
-            adapt_stem(network)
+            removed = adapt_stem(network)
         super().__init__(f"torchvision:{arch}", network)
         nodes = get_graph_node_names(network)[1]
-        self.stage_nodes, self.token_stages = _torchvision_stages(network, nodes, image_size)
+        self.stage_nodes, self.token_stages, self.stem_map = _torchvision_stages(
+            network, nodes, image_size, removed)
+        self.has_stages = bool(self.stage_nodes)
         self.logits_node = nodes[-1]
         linear = _last_linear_name(network)
         self.pooled_node = nodes[-2] if linear is not None and nodes[-1] == linear else None
+        # Without a last linear layer, the last map pooled stands for its input.
+        self.has_pooled = self.pooled_node is not None or self.has_stages
         self.returned = {node: node for node in self.stage_nodes}
         self.returned[self.logits_node] = self.logits_node
         if self.pooled_node is not None:
@@ -164,35 +208,36 @@ class TorchvisionClassifier(ExternalClassifier):
         maps = [_tokens_to_map(outputs[node]) if node in self.token_stages else outputs[node]
                 for node in self.stage_nodes]
         logits = outputs[self.logits_node]
+        given = {"feats": maps} if maps else {}
         if self.pooled_node is not None:
-            pooled = outputs[self.pooled_node].flatten(1)
-        else:
-            pooled = global_pool(maps[-1]) if maps else logits
-        if not maps:
-            return logits, MissingStages(pooled, self.name)
-        return logits, feature_dict(maps, list(maps), pooled)
+            given["pooled_feat"] = outputs[self.pooled_node].flatten(1)
+        elif maps:
+            given["pooled_feat"] = global_pool(maps[-1])
+        return logits, ExternalFeats(self.name, **given)
 
 
-def _torchvision_stages(network, nodes, image_size):
-    """``(stage node names, the ones holding tokens)`` for a torchvision network."""
+def _torchvision_stages(network, nodes, image_size, removed=1):
+    """``(stage node names, the ones holding tokens, whether the first is the stem's)``
+    for a torchvision network; ``removed``: the stride :func:`adapt_stem` took out."""
     names = set(dict(network.named_modules()))
     if {"layer4", "relu", "conv1"} <= names:                       # ResNet family
-        return ["relu", "layer1", "layer2", "layer3", "layer4"], set()
+        return ["relu", "layer1", "layer2", "layer3", "layer4"], set(), True
     if "trunk_output" in names:                                    # RegNet
-        return ["stem"] + [f"trunk_output.block{index}" for index in range(1, 5)], set()
+        return ["stem"] + [f"trunk_output.block{index}" for index in range(1, 5)], set(), True
     if "stage2" in names and "conv1" in names:                     # ShuffleNet V2
-        return ["conv1", "stage2", "stage3", "stage4"], set()
+        return ["conv1", "stage2", "stage3", "stage4"], set(), True
     if "conv_proj" in names and "encoder.layers" in names:         # vision transformer
         depth = len(network.encoder.layers)
         blocks = [f"encoder.layers.encoder_layer_{index}"
                   for index in _evenly_spaced(depth, VIT_STAGES)]
-        return ["conv_proj"] + blocks, set(blocks)
+        return ["conv_proj"] + blocks, set(blocks), True           # the patch embedding
     for container in ("features", "layers"):
         sequence = getattr(network, container, None)
         if isinstance(sequence, nn.Sequential) and any(node.startswith(f"{container}.")
                                                        for node in nodes):
-            return _last_block_per_resolution(network, container, image_size), set()
-    return [], set()
+            stages, first_stride = _last_block_per_resolution(network, container, image_size)
+            return stages, set(), first_stride * removed < FIRST_STAGE_STRIDE
+    return [], set(), True
 
 
 def _evenly_spaced(depth, count):
@@ -203,7 +248,8 @@ def _evenly_spaced(depth, count):
 
 @torch.no_grad()
 def _last_block_per_resolution(network, container, image_size):
-    """Children of ``network.<container>`` that end a spatial resolution."""
+    """Children of ``network.<container>`` that end a spatial resolution, and
+    the first one's stride (the input side over its map's)."""
     from torchvision.models.feature_extraction import create_feature_extractor
     children = [f"{container}.{name}" for name, _ in getattr(network, container).named_children()]
     probe = create_feature_extractor(network, return_nodes={name: name for name in children})
@@ -221,7 +267,8 @@ def _last_block_per_resolution(network, container, image_size):
         following = outputs[children[index + 1]] if index + 1 < len(children) else None
         if following is None or following.dim() != 4 or following.shape[2:] != output.shape[2:]:
             stages.append(name)
-    return stages
+    first_stride = image_size / outputs[stages[0]].shape[2] if stages else 1
+    return stages, first_stride
 
 
 def _tokens_to_map(tokens):
@@ -273,19 +320,28 @@ def load_except_classifier(network, state, name):
 def adapt_stem(network):
     """Adapt a network to 32 px inputs in place: its first convolution strides
     by 1 (the kernel and its weights kept) and a max-pool before the second
-    convolution (the stem's) becomes an identity."""
-    convolutions = 0
+    convolution (the stem's) becomes an identity.
+
+    Returns:
+        The factor by which every later map's stride shrank (4 for a ResNet:
+        the convolution's 2 times the max-pool's 2).
+    """
+    convolutions, removed = 0, 1
     for name, module in list(network.named_modules()):
         if isinstance(module, nn.Conv2d):
             convolutions += 1
             if convolutions == 1:
+                removed *= module.stride[0]
                 module.stride = (1, 1)
             else:
-                return
+                return removed
         elif isinstance(module, nn.MaxPool2d) and convolutions == 1:
+            stride = module.stride if isinstance(module.stride, int) else module.stride[0]
+            removed *= stride
             parent_name, _, child = name.rpartition(".")
             parent = network.get_submodule(parent_name) if parent_name else network
             setattr(parent, child, nn.Identity())
+    return removed
 
 
 # --------------------------------------------------------------------- timm
@@ -324,6 +380,9 @@ class TimmClassifier(ExternalClassifier):
         self.indices = (_evenly_spaced(len(network.blocks), VIT_STAGES) if transformer
                         else None)
         self.has_stages = callable(getattr(network, "forward_intermediates", None))
+        # A transformer's maps are blocks' tokens; a CNN's first map is its stem's
+        # when timm's nominal reduction for it (unchanged by adapt_stem) is below 4.
+        self.stem_map = not transformer and _first_reduction(network) < FIRST_STAGE_STRIDE
 
     def forward(self, x):
         network = self.network
@@ -331,8 +390,34 @@ class TimmClassifier(ExternalClassifier):
             final, maps = network.forward_intermediates(x, indices=self.indices)
         else:
             final, maps = network.forward_features(x), []
-        logits = network.forward_head(final)
-        pooled = network.forward_head(final, pre_logits=True).flatten(1)
-        if not maps:
-            return logits, MissingStages(pooled, self.name)
-        return logits, feature_dict(list(maps), list(maps), pooled)
+        logits, pooled = self._head(final)
+        given = {"feats": list(maps)} if maps else {}
+        return logits, ExternalFeats(self.name, pooled_feat=pooled, **given)
+
+    def _head(self, final):
+        """``(logits, the classifier's input)`` from one call of the head, so the
+        pooled feature is exactly what the logits were computed from (the same
+        dropout mask in training)."""
+        network = self.network
+        classifier = network.get_classifier()
+        if not isinstance(classifier, nn.Module):
+            # Several heads (a distillation token's), no single classifier input:
+            # the head's own pre-logits, from a second call.
+            return (network.forward_head(final),
+                    network.forward_head(final, pre_logits=True).flatten(1))
+        inputs = []
+        handle = classifier.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+        try:
+            logits = network.forward_head(final)
+        finally:
+            handle.remove()
+        return logits, inputs[-1].flatten(1)
+
+
+def _first_reduction(network):
+    """timm's nominal stride of the model's first stage output (1 when unknown,
+    so the first map counts as the stem's, as the zoo's contract puts it first)."""
+    try:
+        return network.feature_info[0]["reduction"]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return 1

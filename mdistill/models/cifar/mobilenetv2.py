@@ -59,6 +59,9 @@ class MobileNetV2(nn.Module):
         num_classes: classifier outputs.
     """
 
+    #: ``feats[0]`` is the stem's map (see :mod:`mdistill.models.stages`).
+    stem_map = True
+
     def __init__(self, expansion=6, width=0.5, num_classes=100):
         super().__init__()
         channels = int(32 * width)

@@ -65,6 +65,9 @@ class CifarResNet(nn.Module):
         num_classes: classifier outputs.
     """
 
+    #: ``feats[0]`` is the stem's map (see :mod:`mdistill.models.stages`).
+    stem_map = True
+
     def __init__(self, depth, widths, num_classes=100):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:

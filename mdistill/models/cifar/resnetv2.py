@@ -81,6 +81,9 @@ class ResNetV2(nn.Module):
         num_classes: classifier outputs.
     """
 
+    #: ``feats[0]`` is the stem's map (see :mod:`mdistill.models.stages`).
+    stem_map = True
+
     def __init__(self, block, counts, num_classes=100):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)

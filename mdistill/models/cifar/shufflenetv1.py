@@ -62,6 +62,9 @@ class ShuffleNetV1(nn.Module):
         num_classes: classifier outputs.
     """
 
+    #: ``feats[0]`` is the stem's map (see :mod:`mdistill.models.stages`).
+    stem_map = True
+
     def __init__(self, widths=(240, 480, 960), counts=(4, 8, 4), groups=3, num_classes=100):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, 1, bias=False)

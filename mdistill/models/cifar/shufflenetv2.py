@@ -82,6 +82,9 @@ class ShuffleNetV2(nn.Module):
         num_classes: classifier outputs.
     """
 
+    #: ``feats[0]`` is the stem's map (see :mod:`mdistill.models.stages`).
+    stem_map = True
+
     def __init__(self, widths=(116, 232, 464, 1024), counts=(3, 7, 3), num_classes=100):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, 1, bias=False)

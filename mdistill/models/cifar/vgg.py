@@ -42,6 +42,11 @@ class VGG(nn.Module):
         num_classes: classifier outputs.
     """
 
+    #: ``feats[0]``, block0 at full resolution before the first pooling, plays the
+    #: stem's part (as in mdistiller, whose stage methods leave it out; see
+    #: :mod:`mdistill.models.stages`).
+    stem_map = True
+
     def __init__(self, layout, num_classes=100):
         super().__init__()
         in_channels = 3

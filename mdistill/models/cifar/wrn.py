@@ -82,6 +82,9 @@ class WideResNet(nn.Module):
         num_classes: classifier outputs.
     """
 
+    #: ``feats[0]`` is the stem convolution's map (see :mod:`mdistill.models.stages`).
+    stem_map = True
+
     def __init__(self, depth, widen, num_classes=100):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:

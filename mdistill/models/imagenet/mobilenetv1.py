@@ -35,6 +35,10 @@ class MobileNetV1(nn.Module):
         num_classes: classifier outputs.
     """
 
+    #: ``feats`` has no stem map: ``feats[0]`` is already a stage at stride 4
+    #: (see :mod:`mdistill.models.stages`).
+    stem_map = False
+
     def __init__(self, num_classes=1000):
         super().__init__()
         units, width = [nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False),

@@ -52,6 +52,9 @@ class Bottleneck(tv_resnet.Bottleneck):
 class ResNet(models.ResNet):
     """torchvision's ResNet whose ``forward`` returns ``(logits, feats)``."""
 
+    #: ``feats[0]`` is the stem's map, before the max-pool (see :mod:`mdistill.models.stages`).
+    stem_map = True
+
     def __init__(self, block, counts, num_classes=1000):
         super().__init__(block, list(counts), num_classes=num_classes)
         for stage in self.stages():
