@@ -299,6 +299,10 @@ _C.OFD.LOSS.FEAT_WEIGHT = 0.001
 _C.OFD.CONNECTOR = CN()
 # Kernel size of the connectors' convolution.
 _C.OFD.CONNECTOR.KERNEL_SIZE = 1
+# The statistics the teacher's BatchNorms normalise with: "batch" (the batch's,
+# as the authors' code and mdistiller run the teacher, in train mode; its running
+# statistics stay untouched) or "eval" (its running statistics).
+_C.OFD.TEACHER_BN = "batch"
 
 # Neuron selectivity transfer (Huang & Wang 2017): polynomial-kernel MMD per stage.
 _C.NST = CN()

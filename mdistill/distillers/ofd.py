@@ -5,9 +5,12 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..errors import UserError, unknown_choice
 from ..registry import DISTILLERS
-from .base import Distiller, probe_features
+from .base import Distiller
+
+#: OFD.TEACHER_BN: the statistics the teacher's BatchNorms normalise with.
+TEACHER_BN = ("batch", "eval")
 
 
 def connector(student_channels, teacher_channels, kernel_size=1):
@@ -68,27 +71,40 @@ class OFD(Distiller):
     deepest ones of the other are paired; stage i of n counts ``1 / 2^(n-1-i)``.
     The connectors train with the student.
 
-    Unlike mdistiller, whose OFD switches the teacher to train mode (its BNs
-    then normalise with batch statistics and update their running ones), the
-    teacher runs in eval mode like every other method's.
+    The teacher's BatchNorms normalise with the training batch's statistics by
+    default (``teacher_bn="batch"``), as the authors' code and mdistiller run the
+    teacher (in train mode): the margins model each BN's output as
+    ``N(shift, scale^2)`` per channel, which is exactly what a BN gives with its
+    batch's statistics, and the published numbers were measured so. Unlike
+    train mode, the teacher's running statistics are left untouched
+    (:func:`~mdistill.utils.batchnorm.batch_statistics`), so its evaluation
+    and every other reader of the teacher see the weights it was saved with.
+    ``teacher_bn="eval"`` uses the running statistics instead, as every other
+    method's teacher.
 
     Args:
         student, teacher: the models; the teacher needs ``bn_before_relu()``.
         ce_weight, feat_weight: weights of the two terms.
         kernel_size: the connectors' kernel size.
         image_shape: ``(C, H, W)`` of the inputs, used to probe the stage widths.
+        teacher_bn: ``batch`` | ``eval`` (OFD.TEACHER_BN).
     """
 
+    teacher_reads = frozenset({"preact_feats", "bn_stats"})
+    student_reads = frozenset({"logits", "preact_feats"})
+
     def __init__(self, student, teacher, ce_weight=1.0, feat_weight=0.001, kernel_size=1,
-                 image_shape=(3, 32, 32)):
+                 image_shape=(3, 32, 32), teacher_bn="batch"):
         super().__init__(student, teacher)
         self.ce_weight = ce_weight
         self.feat_weight = feat_weight
+        if teacher_bn not in TEACHER_BN:
+            raise unknown_choice("value for OFD.TEACHER_BN:", teacher_bn, TEACHER_BN)
+        self.teacher_bn = teacher_bn
         if not hasattr(teacher, "bn_before_relu"):
             raise UserError(f"OFD needs a teacher with bn_before_relu(); "
                             f"{type(teacher).__name__} has none")
-        _, student_feats = probe_features(student, image_shape)
-        _, teacher_feats = probe_features(teacher, image_shape)
+        (_, student_feats), (_, teacher_feats) = self.probe(image_shape)
         student_maps = student_feats["preact_feats"][1:]
         teacher_maps = teacher_feats["preact_feats"][1:]
         self.num_stages = min(len(student_maps), len(teacher_maps))
@@ -109,14 +125,16 @@ class OFD(Distiller):
         size = getattr(data_info, "image_size", 32)
         return cls(student, teacher, ce_weight=cfg.OFD.LOSS.CE_WEIGHT,
                    feat_weight=cfg.OFD.LOSS.FEAT_WEIGHT,
-                   kernel_size=cfg.OFD.CONNECTOR.KERNEL_SIZE, image_shape=(3, size, size))
+                   kernel_size=cfg.OFD.CONNECTOR.KERNEL_SIZE, image_shape=(3, size, size),
+                   teacher_bn=cfg.OFD.TEACHER_BN)
 
     def margins(self):
         return [getattr(self, f"margin{index}") for index in range(self.num_stages)]
 
     def forward_train(self, image, target, **batch):
         logits, feats = self.student(image)
-        _, teacher_feats = self.teacher_forward(image)
+        _, teacher_feats = self.teacher_forward(image,
+                                                batch_statistics=self.teacher_bn == "batch")
         student_maps = feats["preact_feats"][1:][-self.num_stages:]
         teacher_maps = teacher_feats["preact_feats"][1:][-self.num_stages:]
         loss = 0.0
