@@ -1,5 +1,6 @@
 """Start or resume one training run: process group, run folder, logging, trainer."""
 import glob
+import json
 import os
 import random
 import re
@@ -14,11 +15,12 @@ import torch.distributed as dist
 
 from ..config import RESUMABLE_KEYS, config_differences, default_run_name, load_cfg
 from ..errors import UserError
+from ..models import is_external
 from ..utils.dist import barrier, get_world_size, is_main_process
-from .builder import build_experiment
+from .builder import build_experiment, single_teacher_cfgs, teacher_weights_path
 from .checkpoint import load_checkpoint
 from .evaluate import evaluate
-from .teacher_cache import data_fingerprint
+from .teacher_cache import data_fingerprint, teacher_fingerprint
 from .schedule import lr_factor, stage_at
 from .trainer import Trainer
 
@@ -83,6 +85,70 @@ def check_schedule_change(saved_cfg, cfg, distiller, reached):
             raise UserError(f"--resume: SOLVER.LR_DECAY_STAGES {list(cfg.SOLVER.LR_DECAY_STAGES)} "
                             f"changes the learning rate of epoch {epoch}, already run; only "
                             f"milestones after epoch {reached} can change")
+
+
+# The run folder's record of the teachers it started with (teacher_records).
+TEACHER_RECORD = "teacher.json"
+
+
+def teacher_records(cfg, distiller):
+    """Each teacher's name, where its weights came from, and their fingerprint.
+
+    Written to ``run_dir/teacher.json`` when a run starts, so that ``--resume``
+    can tell the teacher a run continues with from the one it started with
+    (a checkpoint file overwritten in between would silently change the
+    method's targets halfway).
+
+    Returns:
+        A list of ``{"name", "weights", "fingerprint"}`` in DISTILLER.TEACHERS
+        order (empty for a method without a teacher).
+    """
+    records = []
+    for single, model in zip(single_teacher_cfgs(cfg), distiller.teacher_models()):
+        arch = single.DISTILLER.TEACHER
+        if is_external(arch) and not single.DISTILLER.TEACHER_WEIGHTS:
+            weights = f"{arch.split(':')[0]}'s pretrained weights"
+        else:
+            weights = teacher_weights_path(single) or "torchvision's ImageNet weights"
+        records.append({"name": arch, "weights": weights,
+                        "fingerprint": teacher_fingerprint(model)})
+    return records
+
+
+def check_teachers_unchanged(run_dir, records):
+    """Refuse to resume with teacher weights other than the run started with.
+
+    Args:
+        run_dir: the run folder; a run started before ``teacher.json`` was
+            written is not checked (the file is written now).
+        records: :func:`teacher_records` of the teachers just loaded.
+
+    Raises:
+        UserError: one line naming the weights that changed.
+    """
+    path = os.path.join(run_dir, TEACHER_RECORD)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as handle:
+            started = json.load(handle)["teachers"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"--resume: cannot read {path} ({error}); it records the teachers "
+                        f"the run started with") from None
+    for before, now in zip(started, records):
+        if before["fingerprint"] != now["fingerprint"]:
+            raise UserError(f"--resume: the teacher weights {now['weights']} changed since the "
+                            f"run started (fingerprint {before['fingerprint'][:12]} then, "
+                            f"{now['fingerprint'][:12]} now); put back the weights the run "
+                            f"started with, or start a new run")
+
+
+def write_json_atomically(path, value):
+    """Write ``value`` as JSON to ``path`` through a temporary file and a rename."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w") as handle:
+        json.dump(value, handle, indent=1)
+    os.replace(temporary, path)
 
 
 def init_distributed():
@@ -226,8 +292,10 @@ def train(cfg_path=None, opts=(), resume=None):
                             f"{', '.join(changed[:8])}; resume with the run's own config")
     seed_everything(cfg.EXPERIMENT.SEED, cfg.SOLVER.DETERMINISTIC)
     experiment = build_experiment(cfg)
+    teachers = teacher_records(cfg, experiment.distiller)
     if saved_state is not None:
         check_schedule_change(saved_cfg, cfg, experiment.distiller, saved_state["epoch"])
+        check_teachers_unchanged(run_dir, teachers)
     log = RunLog()
     if run_dir is None:
         run_dir = new_run_dir(cfg, opts)
@@ -241,6 +309,8 @@ def train(cfg_path=None, opts=(), resume=None):
         os.replace(temporary, os.path.join(run_dir, "config.yaml"))
         if saved_state is not None:
             _truncate_metrics(run_dir, saved_state)
+        if teachers and not os.path.isfile(os.path.join(run_dir, TEACHER_RECORD)):
+            write_json_atomically(os.path.join(run_dir, TEACHER_RECORD), {"teachers": teachers})
         log = RunLog(os.path.join(run_dir, "log.txt"))
     log(f"run folder: {run_dir} ({get_world_size()} process(es), device "
         f"{experiment.device}, AMP {cfg.SOLVER.AMP})")
