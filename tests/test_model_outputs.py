@@ -8,6 +8,7 @@ import torch
 from mdistill.errors import UserError
 from mdistill.models import (MODEL_OUTPUTS, build_model, model_name, model_names,
                              provided_outputs, stage_info)
+from mdistill.models.external import ExternalFeats
 from test_distiller_losses import one_thread  # noqa: F401  (autouse: one thread)
 
 needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None,
@@ -69,6 +70,20 @@ def test_a_torchvision_family_without_known_stages_gives_logits_and_pooled_only(
     assert feats["pooled_feat"].shape == (2, 1024)
     with pytest.raises(UserError, match=r"^torchvision:googlenet gives no stage feature maps"):
         feats["feats"]
+
+
+def test_library_feats_flatten_to_their_tensors_and_back():
+    """DDP and torch.compile walk outputs as pytrees: the tensors inside must be
+    reached, and the rebuilt dict must still refuse what the model lacks."""
+    from torch.utils import _pytree
+    maps, pooled = [torch.ones(1, 2, 2, 2)], torch.zeros(1, 2)
+    feats = ExternalFeats("timm:resnet18", feats=maps, pooled_feat=pooled)
+    leaves, spec = _pytree.tree_flatten(feats)
+    assert len(leaves) == 2 and leaves[0] is maps[0] and leaves[1] is pooled
+    rebuilt = _pytree.tree_unflatten([leaf + 1 for leaf in leaves], spec)
+    assert type(rebuilt) is ExternalFeats and torch.equal(rebuilt["pooled_feat"], pooled + 1)
+    with pytest.raises(UserError, match=r"^timm:resnet18 gives no pre-activation maps"):
+        rebuilt["preact_feats"]
 
 
 @pytest.mark.parametrize("name, small_input, stem_map", [

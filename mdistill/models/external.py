@@ -112,6 +112,15 @@ class ExternalFeats(dict):
         raise KeyError(key)
 
 
+# A pytree node, not a leaf, so DistributedDataParallel and torch.compile reach the
+# tensors inside as they do a plain dict's.
+torch.utils._pytree.register_pytree_node(
+    ExternalFeats,
+    lambda feats: (list(feats.values()), (feats.name, tuple(feats))),
+    lambda values, context: ExternalFeats(context[0], **dict(zip(context[1], values))),
+    serialized_type_name="mdistill.models.external.ExternalFeats")
+
+
 class ExternalClassifier(nn.Module):
     """A library classifier (``self.network``) behind mdistill's forward contract."""
 
