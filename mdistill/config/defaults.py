@@ -436,6 +436,104 @@ _C.FT.LOSS = CN()
 _C.FT.LOSS.CE_WEIGHT = 1.0
 _C.FT.LOSS.FEAT_WEIGHT = 200.0
 
+# WTTM (Zheng & Yang, ICLR 2024; zkxufo/TTM distiller_zoo/wttm.py): KL from the
+# teacher's power-transformed prediction p_t^GAMMA / U (U = sum_j p_t^GAMMA) to
+# the student's plain softmax, each sample weighted by U. Defaults: the one WTTM
+# setting the authors' README shows (--ttm_l 0.2 with weight 4, added to CRD);
+# their per-pair values are in the paper's appendix A.4, not in the repository.
+_C.WTTM = CN()
+# The power gamma (the authors' --ttm_l; KD's 1 / T).
+_C.WTTM.GAMMA = 0.2
+_C.WTTM.LOSS = CN()
+# Weight of the cross-entropy (the authors' -r).
+_C.WTTM.LOSS.CE_WEIGHT = 1.0
+# Weight of the WTTM term (-b, or -a when added to another loss).
+_C.WTTM.LOSS.KD_WEIGHT = 4.0
+
+# WKD (Lv et al., NeurIPS 2024; JiamingLv/WKD). WKD-L: NKD's target term plus the
+# discrete Wasserstein distance (Sinkhorn) between the non-target class
+# distributions at TEMPERATURE over a class-to-class cost. WKD-F: the Wasserstein
+# distance between diagonal Gaussians (per-channel mean and std, per grid cell)
+# of the projected student map and the teacher's. Defaults: the authors' cfg.py.
+_C.WKD = CN()
+_C.WKD.LOSS = CN()
+_C.WKD.LOSS.CE_WEIGHT = 1.0
+# Weight of WKD-L's Wasserstein term (0: WKD-L off and the teacher's logits unread).
+_C.WKD.LOSS.WKD_LOGIT_WEIGHT = 1.0
+# Weight of WKD-F (0: off, no projector, the teacher's maps unread).
+_C.WKD.LOSS.WKD_FEAT_WEIGHT = 1.0
+# Both weights decay by cosine to 0 between this epoch and SOLVER.EPOCHS (the
+# authors' default 0 decays over the whole run; >= SOLVER.EPOCHS: never).
+_C.WKD.LOSS.COSINE_DECAY_EPOCH = 0
+# Softmax temperature of the Wasserstein term (its target term is at 1).
+_C.WKD.TEMPERATURE = 4.0
+# The cost between classes: fc, 1 - cosine similarity of the teacher's classifier
+# rows (the authors' "fc" option), computed once per teacher and kept beside its
+# checkpoint. Their published configs use linear-CKA costs of the teacher's
+# features over the training set, which mdistill does not compute.
+_C.WKD.COST_MATRIX = "fc"
+# The cost C becomes 1 - exp(-SHARPEN * C) (0: unchanged).
+_C.WKD.COST_MATRIX_SHARPEN = 1.0
+_C.WKD.SINKHORN = CN()
+# Entropic regularisation: the kernel is exp(-C / LAMBDA).
+_C.WKD.SINKHORN.LAMBDA = 0.05
+_C.WKD.SINKHORN.ITER = 10
+# Added to the variances before their square root (WKD-F).
+_C.WKD.EPS = 0.00001
+# Index into feats["feats"] of both models' map for WKD-F (the authors' cfg says
+# 4, ImageNet ResNets' last map; their CIFAR configs -1, the same map there).
+_C.WKD.HINT_LAYER = -1
+# Weight of the means' term against the standard deviations' term (WKD-F).
+_C.WKD.MEAN_COV_RATIO = 2.0
+# WKD-F fits one Gaussian per cell of a SPATIAL_GRID x SPATIAL_GRID grid.
+_C.WKD.SPATIAL_GRID = 4
+
+# SDD (Wei et al., CVPR 2024; shicaiwei123/SDD-CVPR2024): a switch on KD, DKD and
+# NKD. The last pre-pool map of both models is average-pooled to M x M cells for
+# each M in SCALES; every cell goes through the model's own classifier and the
+# method's loss is averaged over all cells, complementary ones weighted.
+_C.SDD = CN()
+# Apply SDD to DISTILLER.TYPE KD, DKD or NKD (SD-KD, SD-DKD, SD-NKD).
+_C.SDD.ENABLE = False
+# Grid sizes (the authors' --M), starting with 1, the global region: [1, 2]
+# for teacher and student of one family, [1, 2, 4] across families.
+_C.SDD.SCALES = [1, 2]
+# Weight of a complementary region (the teacher right on it but wrong globally,
+# or the reverse); the others weigh 1 (2 in the authors' code).
+_C.SDD.COMPLEMENTARY_WEIGHT = 2.0
+# NKD's warm-up: both NKD terms ramp up over this many epochs (0: none, as NKD's
+# authors; SD-NKD's authors use 20, their DKD.WARMUP).
+_C.NKD.WARMUP = 0
+
+# CAT-KD (Guo et al., CVPR 2023; GzyAftermath/CAT-KD CAT_KD.py): class activation
+# maps (the classifier's weights as a 1x1 conv, no bias, on the last pre-pool
+# map), average-pooled to CAM_RESOLUTION, MSE between student and teacher.
+# Defaults: the authors' cfg.py; per-pair beta in configs/cifar100/catkd/.
+_C.CAT_KD = CN()
+# L2-normalise each pooled map over its cells before the MSE.
+_C.CAT_KD.IF_NORMALIZE = True
+_C.CAT_KD.LOSS = CN()
+_C.CAT_KD.LOSS.CE_WEIGHT = 1.0
+# beta, the weight of the CAT loss.
+_C.CAT_KD.LOSS.CAT_loss_weight = 400.0
+# Side of the pooled class activation maps.
+_C.CAT_KD.LOSS.CAM_RESOLUTION = 2
+
+# ICKD (Liu et al., ICCV 2021; ADLab-AutoDrive/ICKD Cifar100/, torchdistill's
+# ChSimLoss): the student's last map through a 1x1 conv + BN to the teacher's
+# width; per sample, the channel Gram matrices' rows are L2-normalised and their
+# squared difference summed, divided by channels x batch. Defaults: the authors'
+# CIFAR-100 README ("ICKD-C (Ours)": -r 1 -a 1 -b 2.5, kd_T 4).
+_C.ICKD = CN()
+# Temperature of the KD term.
+_C.ICKD.TEMPERATURE = 4.0
+_C.ICKD.LOSS = CN()
+_C.ICKD.LOSS.CE_WEIGHT = 1.0
+# Weight of the inter-channel correlation term (-b).
+_C.ICKD.LOSS.FEAT_WEIGHT = 2.5
+# Weight of KD (-a; 0 is the README's "ICKD-C (w/o KL)", the teacher's logits unread).
+_C.ICKD.LOSS.KD_WEIGHT = 1.0
+
 # --- methods since 2023: WTTM, WKD, SDD, CAT-KD, ICKD (sections above this line)
 # --- methods since 2023: CRLD, DIST+, SRD, SKD (sections above this line)
 
