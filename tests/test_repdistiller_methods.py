@@ -151,9 +151,58 @@ def test_ab_stages_and_connectors():
     # Different widths: a conv + BN (no ReLU) maps each student stage to the teacher's.
     assert all(isinstance(c.bn, nn.BatchNorm2d) for c in distiller.connectors)
     init, distill = distiller.stages(240)
-    assert (init.name, init.epochs, init.schedule, init.parameters) == ("init", 30, False, None)
+    assert (init.name, init.epochs, init.schedule) == ("init", 30, False)
+    # RepDistiller's init trains the feature modules (all but the classifier) and connectors.
+    trained = {id(p) for p in init.parameters()}
+    assert trained == ({id(p) for name, p in student.named_parameters() if not name.startswith("fc")}
+                       | {id(p) for p in distiller.connectors.parameters()})
+    assert init.eval_modules == ("student_head",) and distiller.student_head.names == ("fc",)
     assert {id(p) for p in distill.parameters()} == {id(p) for p in student.parameters()}
     assert distill.eval_modules == ("connectors",)
+    assert distiller.teacher_reads == {"preact_feats"} and "preact_feats" in distiller.student_reads
+
+
+def test_ab_init_stage_keeps_a_wrn_students_final_bn_in_eval_mode(cifar_root, teacher_file,
+                                                                  tmp_path):
+    """RepDistiller's init runs the student in eval mode but its feature modules: WRN's
+    final bn1 (after block3, before the pooling) normalises the last pre-activation
+    map with its running statistics and is not trained."""
+    import os
+    from conftest import ROOT, tiny_opts
+    from mdistill.config import load_cfg
+    from mdistill.engine.builder import build_experiment
+    from mdistill.engine.trainer import Trainer
+    cfg = load_cfg(os.path.join(ROOT, "configs/cifar100/ab.yaml"),
+                   tiny_opts(cifar_root, tmp_path, "DISTILLER.TEACHER", "resnet20",
+                             "DISTILLER.STUDENT", "wrn_16_1", "DISTILLER.TEACHER_WEIGHTS",
+                             teacher_file, "AB.INIT_EPOCHS", "1"))
+    torch.manual_seed(0)
+    trainer = Trainer(build_experiment(cfg), str(tmp_path), log=lambda text: None)
+    distiller = trainer.distiller
+    student = distiller.student
+    assert distiller.student_features.names == ("conv1", "block1", "block2", "block3")
+    assert distiller.student_head.names == ("bn1", "fc")
+    with torch.no_grad():      # running statistics far from any batch's
+        student.bn1.running_mean.uniform_(-1, 1)
+        student.bn1.running_var.uniform_(2, 3)
+        student.bn1.weight.uniform_(0.5, 1.5)
+    before = {name: value.clone() for name, value in student.state_dict().items()}
+
+    trainer.start_epoch(trainer.epoch)
+    assert distiller.stage == "init" and not student.bn1.training and student.block3.training
+    _, feats = student(torch.randn(4, 3, 32, 32))
+    bn = student.bn1
+    by_hand = ((feats["feats"][-1] - bn.running_mean.view(1, -1, 1, 1))
+               / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
+               * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1))
+    torch.testing.assert_close(feats["preact_feats"][-1], by_hand)
+
+    trainer.train_epoch()
+    after = student.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert not any(name.startswith(("bn1.", "fc.")) for name in changed)
+    assert {"conv1.weight", "block3.layer.1.conv2.weight",
+            "block3.layer.0.bn1.running_mean"} <= changed
 
 
 # ------------------------------------------------------------------------- FT

@@ -4,7 +4,8 @@ Facts from the authors' code (hunto/DIST_KD, hunto/image_classification_sota
 ``lib/models/losses/dist_kd.py``): the Pearson correlation is the cosine
 similarity of mean-centred rows with ``eps = 1e-8`` added to the norm
 product; CIFAR-100 uses tau 4, beta = gamma = 1 and a distillation weight of
-2 next to a cross-entropy weight of 1; ImageNet uses tau 1.
+2 next to a cross-entropy weight of 1; ImageNet uses tau 1 with the same
+weights (``configs/strategies/distill/resnet_dist.yaml``: ``kd_loss_weight: 2``).
 """
 import torch.nn.functional as F
 
@@ -48,7 +49,8 @@ class DIST(Distiller):
         ce_weight, kd_weight: weights of the cross-entropy and the DIST loss.
     """
 
-    teacher_logits_only = True
+    teacher_reads = frozenset({"logits"})
+    student_reads = frozenset({"logits"})
 
     def __init__(self, student, teacher, tau=4.0, beta=1.0, gamma=1.0, ce_weight=1.0,
                  kd_weight=2.0):
@@ -63,6 +65,9 @@ class DIST(Distiller):
     def from_config(cls, cfg, student, teacher, data_info=None):
         return cls(student, teacher, tau=cfg.DIST.TAU, beta=cfg.DIST.BETA, gamma=cfg.DIST.GAMMA,
                    ce_weight=cfg.DIST.LOSS.CE_WEIGHT, kd_weight=cfg.DIST.LOSS.KD_WEIGHT)
+
+    def teacher_temperatures(self):
+        return (float(self.tau),)
 
     def forward_train(self, image, target, **batch):
         logits, _ = self.student(image)
