@@ -535,6 +535,76 @@ _C.ICKD.LOSS.FEAT_WEIGHT = 2.5
 _C.ICKD.LOSS.KD_WEIGHT = 1.0
 
 # --- methods since 2023: WTTM, WKD, SDD, CAT-KD, ICKD (sections above this line)
+
+# CRLD (Zhang et al. 2024): within-view and cross-view KD on a weak and a strong
+# (RandAugment + Cutout) view, masked by the teacher's confidence, plus both
+# views' cross-entropy. Defaults: the authors' cfg.py (CRLD.*).
+_C.CRLD = CN()
+# Weight of each view's cross-entropy.
+_C.CRLD.CE_WEIGHT = 1.0
+# Weight of the within-view KD terms (student weak/strong vs teacher weak/strong).
+_C.CRLD.WV_WEIGHT = 2.0
+# Weight of the cross-view KD terms (student strong vs teacher weak and the reverse).
+_C.CRLD.CV_WEIGHT = 0.5
+# Softmax temperature of every KD term (scaled by TEMPERATURE^2).
+_C.CRLD.TEMPERATURE = 4.0
+# A sample counts in the within-view terms when the teacher's top probability
+# on the weak view is at least TAU_W ...
+_C.CRLD.TAU_W = 0.9
+# ... and in the cross-view terms when it is at least TAU_S on the strong view.
+_C.CRLD.TAU_S = 0.2
+# RandAugment ops applied to each image of the strong view (the authors' RandAugment(2, 10)).
+_C.CRLD.AUGMENT_OPS = 2
+
+# DIST+ (Huang et al. 2025) as torchdistill's DISTPlusLoss: DIST's logit
+# relations plus channel and spatial relations of the last stage maps (equal
+# shapes needed). Defaults: torchdistill's sample config (ImageNet r34 -> r18).
+_C.DISTPLUS = CN()
+# Softmax temperature of the logit terms (scaled by TAU^2).
+_C.DISTPLUS.TAU = 1.0
+# Weight of the inter-class (per-sample) logit relation.
+_C.DISTPLUS.BETA = 2.0
+# Weight of the intra-class (per-class) logit relation.
+_C.DISTPLUS.GAMMA = 2.0
+# Weight of the channel relation of the last maps (0: off).
+_C.DISTPLUS.IOTA = 1.0
+# Weight of the spatial relation of the last maps (0: off).
+_C.DISTPLUS.KAPPA = 1.0
+_C.DISTPLUS.LOSS = CN()
+_C.DISTPLUS.LOSS.CE_WEIGHT = 1.0
+# Multiplies every DIST+ term.
+_C.DISTPLUS.LOSS.KD_WEIGHT = 2.0
+
+# SRD (Miles & Mikolajczyk 2024): a linear projector on the student's pooled
+# feature, log of the summed |difference|^EXPONENT of the batch-standardized
+# projected student and teacher features, plus KD. Defaults: the authors'
+# ImageNet code.
+_C.SRD = CN()
+# Softmax temperature of the KD term (scaled by TEMPERATURE^2).
+_C.SRD.TEMPERATURE = 1.0
+# Power of the feature distance.
+_C.SRD.EXPONENT = 4.0
+# Variance floor of the batch standardization (the authors' BatchNorm1d eps).
+_C.SRD.EPS = 1e-4
+_C.SRD.LOSS = CN()
+_C.SRD.LOSS.CE_WEIGHT = 1.0
+_C.SRD.LOSS.KD_WEIGHT = 1.0
+_C.SRD.LOSS.FEAT_WEIGHT = 2.0
+
+# SKD (Jeong et al. 2026) as torchdistill's SKDInstanceLoss and SKDDirectionLoss:
+# KL at TEMPERATURE (no T^2) and the Mahalanobis norm of the difference of the
+# logits' Gram matrices. Defaults: torchdistill's (sample config ImageNet r34 -> r18).
+_C.SKD = CN()
+# Softmax temperature of the instance term.
+_C.SKD.TEMPERATURE = 4.0
+# Tikhonov factor added to the direction term's covariance diagonal.
+_C.SKD.TIKHONOV = 0.1
+_C.SKD.LOSS = CN()
+# torchdistill's sample config trains without the labels.
+_C.SKD.LOSS.CE_WEIGHT = 0.0
+_C.SKD.LOSS.INSTANCE_WEIGHT = 1.0
+_C.SKD.LOSS.DIRECTION_WEIGHT = 1.0
+
 # --- methods since 2023: CRLD, DIST+, SRD, SKD (sections above this line)
 
 

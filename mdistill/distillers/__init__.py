@@ -7,6 +7,7 @@ from . import dist, nkd, ctkd, mlkd  # noqa: F401  (registration: logit methods 
 from . import cc, fsp, ab, ft  # noqa: F401  (registration: RepDistiller's CC, FSP, AB, FT)
 from . import nst, pkt, sp, kdsvd, vid  # noqa: F401  (registration: mdistiller's feature methods)
 from . import dkd, reviewkd, ofd  # noqa: F401  (registration: DKD, ReviewKD, OFD)
+from . import crld, distplus, srd, skd  # noqa: F401  (registration: methods since 2023)
 from . import wttm, wkd, catkd, ickd  # noqa: F401  (registration: methods since 2023)
 
 __all__ = ["DISTILLERS", "Distiller", "build_distiller", "kd_loss", "probe_features"]
