@@ -268,7 +268,7 @@ def test_ofd_loss_on_pre_relu_maps_with_halving_stage_weights():
     generator = torch.Generator().manual_seed(4)
     student, teacher = build_model("vgg8", 10), build_model("resnet20", 10)
     randomise_bns(teacher, generator)
-    distiller = OFD(student, teacher, feat_weight=0.01).eval()
+    distiller = OFD(student, teacher, feat_weight=0.01, teacher_bn="eval").eval()
     # vgg8 has four stages, resnet20 three: the student's deepest three are used.
     assert [c[0].in_channels for c in distiller.connectors] == [256, 512, 512]
     assert [c[0].out_channels for c in distiller.connectors] == [16, 32, 64]

@@ -24,7 +24,9 @@ from test_distiller_losses import one_thread  # noqa: F401  (autouse: one thread
 from test_distillers import CONFIG, make_trainer, two_steps
 
 DATA = SimpleNamespace(num_classes=100, image_size=32, train_targets=torch.arange(200) % 100)
-LOGIT_METHODS = [name for name in DISTILLERS.names() if DISTILLERS.get(name).teacher_logits_only]
+#: Methods that read nothing of the teacher but its logits (declared on the class).
+LOGIT_METHODS = [name for name in DISTILLERS.names()
+                 if set(DISTILLERS.get(name).teacher_reads) == {"logits"}]
 
 
 def models(seed_student=0, teacher_seeds=(1, 2)):
@@ -83,13 +85,22 @@ def test_two_identical_teachers_give_the_single_teacher_kd_loss(reduce):
         torch.testing.assert_close(losses[name], expected[name], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("reduce", ["mean_probs", "mean_loss"])
 @pytest.mark.parametrize("method", LOGIT_METHODS)
-def test_every_logit_method_sees_two_identical_teachers_as_one(method):
+def test_every_logit_method_sees_two_identical_teachers_as_one_or_refuses(method, reduce):
     student, (teacher,) = models(teacher_seeds=(1,))
     image, target = batch()
     single = distiller_for(method, student, teacher)
-    ensemble = distiller_for(method, student, [teacher, copy.deepcopy(teacher)])
-    assert ensemble.ensemble_active()
+    try:
+        ensemble = distiller_for(method, student, [teacher, copy.deepcopy(teacher)],
+                                 "DISTILLER.TEACHER_REDUCE", reduce)
+    except UserError as error:
+        # Refused before any step, in one line naming the key; mean_loss serves every
+        # logit method without a module of its own.
+        assert "\n" not in str(error) and f"DISTILLER.TEACHER_REDUCE {reduce}" in str(error)
+        assert reduce == "mean_probs" or single.extra_phases()
+        return
+    assert len(ensemble.teacher_models()) == 2
     single.train(), ensemble.train()
     # Extra fields of logit methods are further views of the images (MLKD's strong view).
     generator = torch.Generator().manual_seed(4)
@@ -101,6 +112,22 @@ def test_every_logit_method_sees_two_identical_teachers_as_one(method):
     _, losses = ensemble(image, target, **views)
     for name in expected:
         torch.testing.assert_close(losses[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method, opts, fragment", [
+    ("CTKD", [], "CTKD reads the teacher's logits otherwise than softened at one fixed"),
+    ("MLKD", [], "MLKD reads the teacher's logits at the temperatures 4, 3, 5, 2, 6"),
+    ("KD", ["KD.LOGIT_STAND", "True"], "KD reads the teacher's logits otherwise"),
+    ("ADVKD", [], "AdvKD reads the teacher's logits otherwise"),
+])
+def test_mean_probs_is_refused_where_one_temperature_cannot_serve(method, opts, fragment):
+    # The review found CTKD's and MLKD's teachers averaged at T=1, then softened again
+    # at their own temperatures: silently another loss. Now refused, naming the key.
+    student, teachers = models(teacher_seeds=(1, 2))
+    with pytest.raises(UserError) as error:
+        distiller_for(method, student, teachers, "DISTILLER.TEACHER_REDUCE", "mean_probs", *opts)
+    assert str(error.value).startswith("DISTILLER.TEACHER_REDUCE mean_probs")
+    assert fragment in str(error.value)
 
 
 def test_mean_probs_distils_from_the_averaged_softened_predictions():
@@ -150,18 +177,30 @@ def test_mean_loss_averages_one_kd_loss_per_teacher_and_runs_the_student_once():
     assert all(p.grad is None for t in teachers for p in t.parameters())
 
 
-def test_feature_methods_use_the_feature_teacher_alone():
+@pytest.mark.parametrize("method", ["AT", "FITNET", "CRD", "RKD"])
+def test_methods_without_logits_refuse_several_teachers(method):
+    # They used teacher 0 alone while every teacher was loaded, evaluated and logged.
+    student, teachers = models(teacher_seeds=(1, 2))
+    with pytest.raises(UserError, match=r"^DISTILLER.TEACHERS: \S+ reads the teacher's .* and no "
+                                        r"logits.*set DISTILLER.TEACHER"):
+        distiller_for(method, student, teachers, "CRD.NCE.K", "16")
+
+
+def test_a_method_reading_logits_and_maps_gets_the_feature_teachers_maps():
+    # DIST+ reads the logits (averaged over the teachers) and the last maps (of one).
     student, teachers = models(teacher_seeds=(1, 2))
     image, _ = batch()
-    distiller = distiller_for("AT", student, teachers, "DISTILLER.FEATURE_TEACHER", "1")
-    assert distiller.teacher is teachers[1] and not distiller.ensemble_active()
+    distiller = distiller_for("DISTPLUS", student, teachers, "DISTILLER.FEATURE_TEACHER", "1")
+    assert distiller.teacher is teachers[1]
     logits, feats = distiller.teacher_forward(image)
     with torch.no_grad():
-        expected_logits, expected_feats = teachers[1](image)
-    assert torch.equal(logits, expected_logits)
+        expected_feats = teachers[1](image)[1]
+        stacked = torch.stack([t(image)[0].double() for t in teachers]) / distiller.tau
+    expected = distiller.tau * torch.softmax(stacked, dim=-1).mean(0).log()
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(feats["feats"], expected_feats["feats"]))
-    with pytest.raises(UserError, match="TEACHER_REDUCE mean_loss.*FEATURE_TEACHER"):
-        distiller_for("AT", student, teachers, "DISTILLER.TEACHER_REDUCE", "mean_loss")
+    with pytest.raises(UserError, match="TEACHER_REDUCE mean_loss.*DISTPlus also reads"):
+        distiller_for("DISTPLUS", student, teachers, "DISTILLER.TEACHER_REDUCE", "mean_loss")
 
 
 # ---------------------------------------------------------- through the trainer
@@ -203,14 +242,12 @@ def test_teachers_stay_frozen_in_eval_mode_through_two_trainer_steps(
         assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
         assert all(torch.equal(state[key], value) for key, value in teacher.state_dict().items())
     assert distiller.student.training
-    # No teacher in the optimizer, the checkpoint or DDP's synchronisation.
-    learnable = {id(p) for p in distiller.get_learnable_parameters()}
-    assert not any(id(p) in learnable for t in teachers for p in t.parameters())
-    assert not any(key.startswith(("teacher.", "teachers.")) for key in
-                   distiller.state_dict_to_save())
-    ignored = set(distiller.ddp_ignored_names())
-    assert {f"teachers.1.{name}" for name, _ in teachers[1].named_parameters()} <= ignored
-    assert {f"teacher.{name}" for name, _ in teachers[0].named_buffers()} <= ignored
+    # No teacher in the optimizer, the checkpoint or DDP's synchronisation: the
+    # teachers are not submodules of the distiller at all.
+    owned = {id(t) for t in [*distiller.parameters(), *distiller.buffers()]}
+    assert not any(id(t) in owned for teacher in teachers
+                   for t in [*teacher.parameters(), *teacher.buffers()])
+    assert len(distiller.state_dict_to_save()) == len(distiller.student.state_dict())
     # A run checkpoint loads into a fresh ensemble run.
     trainer.save(epoch_complete=False)
     fresh = make_trainer("KD", cifar_root, teacher_file, tmp_path / "fresh",

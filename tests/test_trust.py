@@ -121,7 +121,7 @@ def lrs(run_dir):
         return [json.loads(line)["lr"] for line in handle]
 
 
-def test_a_resumed_cosine_schedule_follows_the_new_number_of_epochs(cifar_root, teacher_file,
+def test_a_resumed_cosine_schedule_anneals_on_from_the_rate_reached(cifar_root, teacher_file,
                                                                      tmp_path):
     import math
     from mdistill.engine.launch import train
@@ -130,10 +130,13 @@ def test_a_resumed_cosine_schedule_follows_the_new_number_of_epochs(cifar_root, 
     run_dir, _ = train(KD, opts)
     train(KD, opts + ["SOLVER.EPOCHS", "4"], resume=True)
     lr = 0.05
-    cosine = [lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
-              for epochs, epoch in ((2, 1), (2, 2), (4, 3), (4, 4))]
-    assert lrs(run_dir) == pytest.approx(cosine)       # 0.05, 0.025, then 0.025, 0.0073
-    assert lrs(run_dir)[3] < lrs(run_dir)[2]           # never climbs back up
+    # Epochs 1-2 of a 2-epoch cosine; then from the rate of epoch 2 (0.5 of the base)
+    # a cosine over the two epochs left (engine/schedule.py): 0.05, 0.025, 0.025, 0.0125.
+    reached = (1 + math.cos(math.pi / 2)) / 2
+    expected = [lr, lr * reached] + [lr * reached * (1 + math.cos(math.pi * (epoch - 3) / 2)) / 2
+                                     for epoch in (3, 4)]
+    assert lrs(run_dir) == pytest.approx(expected)
+    assert all(later <= earlier for earlier, later in zip(lrs(run_dir), lrs(run_dir)[1:]))
 
 
 def test_a_resumed_multistep_schedule_takes_new_milestones_only_after_the_epochs_run(

@@ -26,6 +26,7 @@ CHOICES = {
     "ADVKD.INPUT": ("logits", "probs", "feature"),
     "ADVKD.GAN_LOSS": ("bce", "lsgan", "hinge"),
     "DISTILLER.TEACHER_REDUCE": ("mean_probs", "mean_loss"),
+    "OFD.TEACHER_BN": ("batch", "eval"),
 }
 
 # Keys a resumed run may change; anything else must match the saved config.

@@ -169,10 +169,11 @@ class AB(Distiller):
                    ce_weight=cfg.AB.LOSS.CE_WEIGHT, image_shape=(3, size, size))
 
     def stages(self, epochs):
-        init = [Stage("init", self.init_epochs, schedule=False,
+        init = ([Stage("init", self.init_epochs, schedule=False,
                       parameters=lambda: (self.student_features.parameters()
                                           + list(self.connectors.parameters())),
-                      eval_modules=("student_head",))] if self.init_epochs > 0 else []
+                      eval_modules=("student_head",), task_loss=False)]
+                if self.init_epochs > 0 else [])
         return init + [Stage("distill", epochs, parameters=lambda: list(self.student.parameters()),
                              eval_modules=("connectors",))]
 

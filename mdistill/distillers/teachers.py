@@ -31,6 +31,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 from ..config import CHOICES
 from ..errors import UserError, unknown_choice
@@ -63,18 +64,9 @@ def pad_rows(image, rows):
 
 
 def _first_rows(outputs, count):
-    """``(logits, feats)`` of a padded forward cut back to its first ``count`` rows."""
-    logits, feats = outputs
-
-    def cut(value):
-        if torch.is_tensor(value):
-            return value[:count]
-        if isinstance(value, (list, tuple)):
-            return type(value)(cut(item) for item in value)
-        if isinstance(value, dict):
-            return {key: cut(item) for key, item in value.items()}
-        return value
-    return cut(logits), cut(feats)
+    """``(logits, feats)`` of a padded forward cut back to its first ``count`` rows
+    (every tensor inside; containers keep their types)."""
+    return tree_map(lambda value: value[:count] if torch.is_tensor(value) else value, outputs)
 
 
 def average_softened_logits(teacher_logits, temperature):
@@ -267,9 +259,9 @@ def check_teacher_source(method, reduce, num_teachers, has_phases):
         return None
     name, reads = type(method).__name__, set(method.teacher_reads)
     if "logits" not in reads:
-        raise UserError(f"DISTILLER.TEACHERS: {name} reads only the teacher's "
-                        f"{', '.join(sorted(reads))}, which one teacher gives; set "
-                        f"DISTILLER.TEACHER (several teachers serve methods that read logits)")
+        raise UserError(f"DISTILLER.TEACHERS: {name} reads the teacher's "
+                        f"{', '.join(sorted(reads))} and no logits, so one teacher serves it; "
+                        f"set DISTILLER.TEACHER (several teachers serve methods that read logits)")
     if reduce == "mean_loss":
         if reads != {"logits"}:
             raise UserError(f"DISTILLER.TEACHER_REDUCE mean_loss averages per-teacher losses of "

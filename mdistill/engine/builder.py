@@ -13,6 +13,7 @@ from ..errors import UserError
 from ..models import build_model, is_external
 from ..utils.dist import barrier, get_local_rank, get_rank, get_world_size
 from .checkpoint import extract_state_dict, load_checkpoint, load_model_weights
+from .combinations import CONFIG_KEY, check_combination, check_model_outputs
 from .teacher_cache import build_teacher_cache
 from .update_rules import UPDATE_RULES
 
@@ -259,6 +260,9 @@ def build_experiment(cfg, device=None, load_teacher_weights=True, data=None):
     student = build_model(cfg.DISTILLER.STUDENT, data.num_classes, dataset=cfg.DATASET.TYPE,
                           **model_options(cfg, data, "student"))
     teacher, source = None, ""
+    if not method.requires_teacher and cfg.DISTILLER.TEACHERS:
+        raise UserError(f"DISTILLER.TEACHERS is set but DISTILLER.TYPE {cfg.DISTILLER.TYPE} "
+                        f"trains the student without a teacher; leave DISTILLER.TEACHERS empty")
     if method.requires_teacher:
         teacher, source = build_teachers(cfg, data, load_teacher_weights)
     memory_format = torch.channels_last if cfg.SOLVER.CHANNELS_LAST else torch.contiguous_format
@@ -266,7 +270,20 @@ def build_experiment(cfg, device=None, load_teacher_weights=True, data=None):
     if teacher is not None:
         for model in teacher if isinstance(teacher, list) else [teacher]:
             model.to(device, memory_format=memory_format)
-    distiller = build_distiller(cfg, student, teacher, data, batch_rows=train_batch).to(device)
+    teachers = teacher if isinstance(teacher, list) else [teacher] if teacher is not None else []
+    check_model_outputs(cfg, method.student_reads, method.teacher_reads if teachers else (),
+                        student, teachers, cfg.DISTILLER.FEATURE_TEACHER if len(teachers) > 1 else 0)
+    try:
+        distiller = build_distiller(cfg, student, teacher, data, batch_rows=train_batch)
+    except UserError as error:
+        # What a method finds wrong with its models (shapes, widths) names the models.
+        if CONFIG_KEY.search(str(error)):
+            raise
+        pair = f"DISTILLER.STUDENT {cfg.DISTILLER.STUDENT}" + (
+            f", DISTILLER.TEACHER {cfg.DISTILLER.TEACHER}" if teachers else "")
+        raise UserError(f"DISTILLER.TYPE {cfg.DISTILLER.TYPE} with {pair}: {error}") from None
+    distiller.to(device)
+    check_combination(cfg, distiller)
 
     options = dict(mean=data.mean, std=data.std, rank=rank, world_size=world_size,
                    channels_last=cfg.SOLVER.CHANNELS_LAST, num_workers=cfg.DATASET.NUM_WORKERS)

@@ -149,6 +149,8 @@ class Trainer:
                                                  find_unused_parameters=self.leaves_unused())
 
         self.epoch = 1              # the epoch in progress (1-based)
+        # Segments of the schedule that resumes with another length added (schedule.py).
+        self.lr_segments = []
         self.global_step = 0        # optimizer steps taken
         self.best_acc = -1.0
         self.history = []           # per-epoch metrics
@@ -210,7 +212,7 @@ class Trainer:
             "rng": rng_state(),
             "config": self.cfg.dump(),
             # The stages' lengths and the segments resumes added (engine/schedule.py).
-            "schedule": schedule_state(self.stages, getattr(self, "lr_segments", ())),
+            "schedule": schedule_state(self.stages, self.lr_segments),
         }
 
     def load_state_dict(self, state):
@@ -328,7 +330,7 @@ class Trainer:
             getattr(self.distiller, name).eval()
         self.distiller.on_epoch_start(local_epoch)
         factor = stage_lr_factor(self.cfg.SOLVER, self.stages, epoch,
-                                 getattr(self, "lr_segments", ()))
+                                 self.lr_segments)
         for optimizer in [self.optimizer, *self.aux_optimizers.values()]:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor

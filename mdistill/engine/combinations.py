@@ -1,0 +1,81 @@
+"""What combines with what: the rules checked before the first step.
+
+Features multiply: a method, an update rule, a precision, several teachers, the
+teacher cache, stages, model families, processes. Each rule here reads the
+declarations of the pieces involved (what a method reads of each model, the
+temperatures it softens the teacher at, its stages, what a model really
+outputs) and either lets the combination train or refuses it with one line
+naming the keys. The teacher side's own rules live with the teacher sources
+(:func:`~mdistill.distillers.teachers.check_teacher_source`); the teacher
+cache, a speed setting that changes no result, is turned off with a note
+instead (:func:`~mdistill.engine.teacher_cache.build_teacher_cache`).
+
+``python -m mdistill.engine.combinations`` prints the README's table.
+"""
+import re
+
+from ..errors import UserError
+from ..models import provided_outputs
+
+#: A config key in a message: upper-case words joined by dots (DISTILLER.TEACHERS[1]).
+CONFIG_KEY = re.compile(r"\b[A-Z][A-Z0-9_]*\.[A-Z][A-Z0-9_.]*")
+
+#: Update rules (SOLVER.TRAINER) that back-propagate the task loss on its own.
+NEEDS_TASK_LOSS = ("dot", "crd_dot")
+
+
+def check_update_rule(cfg, distiller):
+    """DOT needs the task loss in every stage it trains.
+
+    Raises:
+        UserError: a stage of the method returns no ``loss_ce`` (RepDistiller's
+            initialisation stages match features alone).
+    """
+    if cfg.SOLVER.TRAINER not in NEEDS_TASK_LOSS:
+        return
+    for stage in distiller.stages(cfg.SOLVER.EPOCHS):
+        if stage.epochs > 0 and not stage.task_loss:
+            raise UserError(f"SOLVER.TRAINER {cfg.SOLVER.TRAINER}: {cfg.DISTILLER.TYPE}'s "
+                            f"{stage.name!r} stage has no task loss (loss_ce) for DOT's second "
+                            f"momentum; use SOLVER.TRAINER base")
+
+
+def check_model_outputs(cfg, student_reads, teacher_reads, student, teachers, feature_index=0):
+    """A method reads only what its models really output.
+
+    Called before the method is built (with its class's declarations) and after
+    (with the instance's, which its options may extend).
+
+    Args:
+        cfg: the experiment config (for the names in the message).
+        student_reads, teacher_reads: what the method reads of each.
+        student: the student model.
+        teachers: the teacher models, in DISTILLER.TEACHERS order (one without).
+        feature_index: the teacher whose features are read (the others serve logits).
+
+    Raises:
+        UserError: e.g. pre-activation maps of a torchvision or timm model, which
+            expose none.
+    """
+    roles = [("student", "DISTILLER.STUDENT", cfg.DISTILLER.STUDENT, student, student_reads)]
+    names = list(cfg.DISTILLER.TEACHERS) or [cfg.DISTILLER.TEACHER]
+    for index, teacher in enumerate(teachers):
+        reads = teacher_reads if index == feature_index else set(teacher_reads) & {"logits"}
+        key = "DISTILLER.TEACHER" if len(teachers) == 1 else f"DISTILLER.TEACHERS[{index}]"
+        roles.append(("teacher", key, names[index], teacher, reads))
+    for role, key, name, model, reads in roles:
+        missing = sorted(set(reads) - set(provided_outputs(model)))
+        if missing:
+            raise UserError(f"DISTILLER.TYPE {cfg.DISTILLER.TYPE} reads the {role}'s "
+                            f"{', '.join(missing)}, which {key} {name} does not give "
+                            f"(torchvision: and timm: models have no pre-activation maps or "
+                            f"BatchNorm records); choose another {role} or method")
+
+
+def check_combination(cfg, distiller):
+    """Every rule of this module for the built method; raises the first UserError."""
+    check_update_rule(cfg, distiller)
+    teachers = distiller.teacher_models()
+    check_model_outputs(cfg, distiller.student_reads, distiller.teacher_reads,
+                        distiller.student, teachers,
+                        next((i for i, t in enumerate(teachers) if t is distiller.teacher), 0))
