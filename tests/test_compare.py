@@ -1,5 +1,4 @@
 """Comparing real runs: the table, the plot, hparams, eval on a glob, determinism."""
-import glob
 import json
 import os
 import statistics
@@ -10,7 +9,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, tiny_opts
-from mdistill.analysis.compare import format_table, load_runs, plot_curves, summarize
+from mdistill.analysis.compare import format_table, load_runs, summarize
+from mdistill.analysis.plots import bar_rows, epoch_band, plot_runs, reference_lines
 from mdistill.engine.launch import train
 from mdistill.errors import UserError
 
@@ -179,14 +179,59 @@ def test_compare_command_line_warns_about_a_duplicated_seed(tmp_path):
     assert "| cifar100 | resnet20 | resnet8 | KD | 70.00 ± n/a | 70.00 ± n/a | 1 |" in result.stdout
 
 
-def test_plot_is_a_valid_png(runs, tmp_path):
-    prefix, _ = runs
-    path = plot_curves(load_runs([str(prefix)]), str(tmp_path / "curves.png"))
+def png_shape(path):
+    """The decoded image's shape (matplotlib reads the file back)."""
     with open(path, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
     image = matplotlib.image.imread(path)
-    assert image.shape[0] > 100 and image.shape[1] > 100
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    return image.shape
+
+
+def logged_run(folder, top1s, *opts, teacher_top1=70.0):
+    """A fake run whose log.txt reports its teacher as launch.train logs it."""
+    fake_run(folder, top1s, *opts)
+    with open(os.path.join(folder, "log.txt"), "w") as handle:
+        handle.write(f"run folder: {folder}\nteacher resnet20 (/t/ckpt.pth): test top-1 "
+                     f"{teacher_top1:.2f} top-5 90.00\n")
+    return str(folder)
+
+
+def test_pictures_show_each_method_over_its_seeds(tmp_path):
+    curves = {("NONE", 0): [40.0, 50.0, 55.0], ("NONE", 1): [42.0, 54.0, 53.0],
+              ("KD", 0): [45.0, 60.0, 58.0], ("KD", 1): [47.0, 56.0, 62.0],
+              ("DKD", 0): [44.0, 57.0, 59.0], ("DKD", 1): [46.0, 55.0, 57.0]}
+    for (method, seed), top1s in curves.items():
+        logged_run(tmp_path / f"{method}{seed}", top1s, "DISTILLER.TYPE", method,
+                   "EXPERIMENT.SEED", str(seed), teacher_top1=70.0 + seed)
+    runs = load_runs([str(tmp_path)])
+    groups = summarize(runs)
+    kd = next(group for group in groups if group.label == "KD")
+    # The curve is the mean per epoch; the band runs from the lowest seed to the highest.
+    assert epoch_band(kd) == ([1, 2, 3], [46.0, 58.0, 60.0], [45.0, 56.0, 58.0],
+                              [47.0, 60.0, 62.0])
+    # The teacher is the mean of what the runs logged; the student alone its best.
+    assert reference_lines(groups) == [("teacher resnet20", 70.5), ("student alone", 54.5)]
+    assert [(name, best[0]) for name, best, _ in bar_rows(groups)] == [
+        ("KD", 61.0), ("DKD", 58.0), ("student alone", 54.5)]
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    paths = plot_runs(runs, str(folder / "curves.png"))
+    assert paths == [str(folder / "curves.png"), str(folder / "curves_bars.png")]
+    assert all(png_shape(path) for path in paths)
+
+
+def test_bars_for_25_methods_give_each_its_row(tmp_path):
+    for temperature in range(1, 26):
+        logged_run(tmp_path / "runs" / f"t{temperature}", [50.0 + temperature / 10],
+                   "KD.TEMPERATURE", str(temperature))
+    runs = load_runs([str(tmp_path / "runs")])
+    rows = bar_rows(summarize(runs))
+    assert len(rows) == 25 and rows[0][0] == "KD (KD.TEMPERATURE=25.0)"
+    _, bars = plot_runs(runs[:3], str(tmp_path / "three.png"))
+    _, many = plot_runs(runs, str(tmp_path / "many.png"))
+    assert png_shape(many)[0] > 2.5 * png_shape(bars)[0]
 
 
 def test_hparams_are_in_the_event_files(runs):
@@ -211,6 +256,7 @@ def test_compare_and_eval_command_lines(runs, tmp_path):
                              str(prefix), "--plot", str(tmp_path / "c.png")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert png_shape(tmp_path / "c.png") and png_shape(tmp_path / "c_bars.png")
     assert "| cifar100 | - | resnet8 | student alone |" in result.stdout
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -28,7 +28,7 @@ NEEDS = {
          "pyproject.toml", '"torch>=2.3"'),
     ],
     "matplotlib": [
-        ((3, 5), "matplotlib.colormaps (tools/compare.py --plot)", "mdistill/analysis/compare.py",
+        ((3, 5), "matplotlib.colormaps (tools/compare.py --plot)", "mdistill/analysis/plots.py",
          "from matplotlib import colormaps"),
     ],
 }

@@ -3,6 +3,10 @@
     python tools/compare.py output/cifar100_baselines
     python tools/compare.py "output/table_*/kd,*" "output/table_*/vanilla,*" --format csv
     python tools/compare.py output/cifar100_baselines --out table.md --plot curves.png
+
+--plot curves.png writes two pictures: curves.png (each method's mean test top-1
+per epoch, the seeds' spread as a band) and curves_bars.png (best and last top-1
+per method with error bars, sorted, the student alone and the teacher as lines).
 """
 import argparse
 import os
@@ -10,8 +14,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mdistill.analysis.compare import (FORMATS, format_table, load_runs, plot_curves,  # noqa: E402
+from mdistill.analysis.compare import (FORMATS, format_table, load_runs,  # noqa: E402
                                        save_text, summarize)
+from mdistill.analysis.plots import plot_runs  # noqa: E402
 from mdistill.utils.cli import run_main  # noqa: E402
 
 
@@ -27,7 +32,9 @@ def main(argv):
     parser.add_argument("--format", choices=FORMATS, default="markdown")
     parser.add_argument("--out", metavar="FILE", help="also write the table to FILE")
     parser.add_argument("--plot", metavar="FILE.png",
-                        help="save test top-1 per epoch, one line per run (needs matplotlib)")
+                        help="save each method's curve (mean over seeds, the spread as a "
+                             "band) there and its bars of best/last top-1 beside it as "
+                             "FILE_bars.png (needs matplotlib)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
     runs = load_runs(args.runs)
@@ -36,7 +43,8 @@ def main(argv):
     if args.out:
         save_text(table, args.out)
     if args.plot:
-        print(f"curves: {plot_curves(runs, args.plot)}", file=sys.stderr)
+        curves, bars = plot_runs(runs, args.plot)
+        print(f"curves: {curves}\nbars: {bars}", file=sys.stderr)
     return 0
 
 

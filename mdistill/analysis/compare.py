@@ -1,4 +1,4 @@
-"""Compare finished runs: test top-1 per method over seeds, as a table and as curves.
+"""Compare finished runs: test top-1 per method over seeds, as a table.
 
 It reads what :mod:`~mdistill.engine.launch` and the trainer write into a run
 folder ``LOG.PREFIX/<EXPERIMENT.PROJECT>/<run name>/``, and nothing else:
@@ -9,7 +9,8 @@ Example::
 
     runs = load_runs(["output/cifar100_baselines"])
     print(format_table(summarize(runs)))
-    plot_curves(runs, "curves.png")
+
+Pictures of the same runs: :mod:`~mdistill.analysis.plots`.
 """
 import functools
 import glob
@@ -194,7 +195,8 @@ def _run_folders(path):
     return found
 
 
-def _read_config(folder):
+def read_run_config(folder):
+    """A run folder's config.yaml, flattened, over today's defaults."""
     with open(os.path.join(folder, "config.yaml")) as handle:
         values = yaml.safe_load(handle)
     if not isinstance(values, dict):
@@ -272,7 +274,7 @@ def load_runs(paths, warn=None):
             continue
         seen.add(os.path.realpath(folder))
         try:
-            config = _read_config(folder)
+            config = read_run_config(folder)
         except (OSError, ValueError, yaml.YAMLError) as error:
             warn(f"skipping {folder}: cannot read config.yaml ({error})")
             continue
@@ -534,81 +536,4 @@ def save_text(text, path):
             handle.write(text + "\n")
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror}") from None
-    return path
-
-
-def plot_curves(runs, path, title=None):
-    """Save a PNG of test top-1 per epoch, one line per run.
-
-    A method keeps one colour and a seed one line style, so a method's seeds
-    read as a band. Uses the Agg canvas directly, leaving pyplot's global
-    backend alone.
-
-    Args:
-        runs: :class:`Run` objects.
-        path: the PNG file to write.
-        title: the figure title; by default the pair when all runs share one.
-
-    Returns:
-        ``path``.
-
-    Raises:
-        UserError: matplotlib is not installed, or ``path`` cannot be written.
-    """
-    try:
-        from matplotlib import colormaps
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("plotting needs matplotlib: pip install matplotlib "
-                        "(or pip install -e \".[dev]\")") from None
-    if not runs:
-        raise UserError("no runs to plot")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"cannot write {path}: no folder {folder}")
-    groups = summarize(runs, warn=lambda text: None)
-    ordered = [run for group in groups for run in group.runs]
-    label_of = {id(run): group.label for group in groups for run in group.runs}
-    pairs = list(dict.fromkeys((run.dataset, run.teacher, run.student) for run in ordered
-                               if not run.is_student_alone))
-    students = {(run.dataset, run.student) for run in ordered}
-    several_pairs = len(pairs) > 1 or len(students) > 1
-
-    def line_name(run):      # what one colour stands for: a row, or a row on a pair
-        if not several_pairs:
-            return label_of[id(run)]
-        pair = run.student if run.is_student_alone else f"{run.teacher}→{run.student}"
-        return f"{pair}: {label_of[id(run)]}"
-
-    names = list(dict.fromkeys(line_name(run) for run in ordered))
-    seeds = sorted({run.seed for run in ordered})
-    colours = colormaps["tab10"]
-    styles = ("-", "--", ":", "-.")
-
-    figure = Figure(figsize=(8, 5))
-    FigureCanvasAgg(figure)
-    axis = figure.add_subplot()
-    for run in ordered:
-        epochs = [record["epoch"] for record in run.records]
-        top1 = [record["test"]["top1"] for record in run.records]
-        axis.plot(epochs, top1, color=colours(names.index(line_name(run)) % colours.N),
-                  linestyle=styles[seeds.index(run.seed) % len(styles)],
-                  marker="o" if len(epochs) == 1 else None, linewidth=1.2,
-                  label=f"{line_name(run)}, seed {run.seed}")
-    if title is None and not several_pairs:
-        first = ordered[-1]      # a distilled run when there is one: they sort last
-        title = f"{first.dataset}: " + (first.student if first.is_student_alone
-                                        else f"{first.teacher} → {first.student}")
-    if title:
-        axis.set_title(title)
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("test top-1 (%)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, ncol=2 if len(ordered) > 8 else 1, loc="lower right")
-    figure.tight_layout()
-    try:
-        figure.savefig(path, dpi=120, format="png")
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
     return path
