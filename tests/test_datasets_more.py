@@ -343,3 +343,7 @@ def test_validation_split_chooses_best_and_test_only_reports(tmp_path):
     with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
         records = [json.loads(line) for line in handle]
     assert [record["val"]["top1"] for record in records] == [r["val"]["top1"] for r in history]
+    # The best chosen on validation is tagged as validation's, not as the test set's.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = EventAccumulator(run_dir).Reload().Tags()["scalars"]
+    assert "val/best_top1" in tags and "test/best_top1" not in tags

@@ -79,9 +79,11 @@ def build_configured_dataset(cfg, name=None, root=None):
 
 
 def load_dataset_once_per_node(cfg):
-    """Build the dataset; in a distributed run each node's local rank 0 goes
-    first, so that one process per node downloads into that node's
-    DATASET.ROOT, and the node's other processes read what it wrote."""
+    """Build the dataset; in a distributed run the global rank 0 goes first (it
+    downloads into DATASET.ROOT), then each other node's local rank 0 (which finds
+    those files on a shared filesystem, or downloads into its own disk), then the
+    remaining processes, which read what their node's first process wrote. So no
+    two processes ever write the same files at once."""
     def build():
         dataset = cfg.DATASET
         return apply_split_options(build_configured_dataset(cfg), dataset.TRAIN_PER_CLASS,
@@ -89,7 +91,10 @@ def load_dataset_once_per_node(cfg):
                                    dataset.SUBSET_SEED)
     if get_world_size() == 1:
         return build()
-    data = build() if get_local_rank() == 0 else None
+    data = build() if get_rank() == 0 else None
+    barrier()
+    if data is None and get_local_rank() == 0:
+        data = build()
     barrier()
     return data if data is not None else build()
 
@@ -139,7 +144,15 @@ def load_teacher(model, cfg):
         if weights is None:
             raise UserError(f"no torchvision weights for ImageNet teacher {arch}; set "
                             f"DISTILLER.TEACHER_WEIGHTS to a checkpoint")
-        model.load_state_dict(weights.get_state_dict(progress=get_rank() == 0))
+        try:
+            state = weights.get_state_dict(progress=get_rank() == 0)
+        except OSError as error:        # offline (URLError), or the cache is not writable
+            folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+            raise UserError(f"teacher {arch}: torchvision's {weights} weights are not in "
+                            f"{folder} and could not be downloaded ({error}); put "
+                            f"{weights.url} there, or set DISTILLER.TEACHER_WEIGHTS to a "
+                            f"checkpoint") from None
+        model.load_state_dict(state)
         return f"torchvision {weights}"
     if not os.path.isfile(path):
         raise UserError(
