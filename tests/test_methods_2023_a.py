@@ -414,7 +414,7 @@ def test_sdd_refuses_bad_scales_and_models_without_their_pooled_map():
     for scales in ([2, 4], [1, 1], [1, 2.5], []):
         with pytest.raises(UserError, match="SDD.SCALES must be increasing grid sizes"):
             ScaleDecoupling(student, teacher, scales=scales)
-    with pytest.raises(UserError, match="model MobileNetV2 pools into its classifier"):
+    with pytest.raises(UserError, match="model MobileNetV2 average-pools into its classifier"):
         ScaleDecoupling(build_model("MobileNetV2", 10), teacher)
 
 

@@ -63,6 +63,10 @@ class CATKD(Distiller):
             :class:`~mdistill.distillers.sdd.MapClassifier`).
     """
 
+    # The map each model pools (WRN's instances read relu(preact_feats[-1]) instead).
+    teacher_reads = frozenset({"feats"})
+    student_reads = frozenset({"logits", "feats"})
+
     def __init__(self, student, teacher, ce_weight=1.0, cat_weight=400.0, resolution=2,
                  normalize=True, image_shape=(3, 32, 32)):
         super().__init__(student, teacher)

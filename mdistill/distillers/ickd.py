@@ -57,6 +57,10 @@ class ICKD(Distiller):
         image_shape: ``(C, H, W)`` of the training images, to probe the widths.
     """
 
+    # Without the KD term an instance reads only the teacher's maps.
+    teacher_reads = frozenset({"logits", "feats"})
+    student_reads = frozenset({"logits", "feats"})
+
     def __init__(self, student, teacher, ce_weight=1.0, kd_weight=1.0, feat_weight=2.5,
                  temperature=4.0, image_shape=(3, 32, 32)):
         super().__init__(student, teacher)

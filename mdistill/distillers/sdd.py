@@ -134,10 +134,10 @@ class MapClassifier:
             if feature_map.dim() == 4 and _close(feature_map.mean(dim=(2, 3)), pooled):
                 return cls(source, classifier)
         shape = tuple(feats["feats"][-1].shape[1:])
-        raise UserError(f"{method} needs the map model {name} pools into its classifier's "
-                        f"input ({pooled.shape[1]} wide), but its last feature map {shape} is "
-                        f"not it (a head convolution follows it, as in MobileNetV2 and "
-                        f"ShuffleV2); use a student and teacher whose last stage map is pooled "
+        raise UserError(f"{method} needs the map model {name} average-pools into its "
+                        f"classifier's input ({pooled.shape[1]} wide), but its last feature map "
+                        f"{shape} does not pool into it (a head convolution follows it in "
+                        f"MobileNetV2 and ShuffleV2); use models whose last stage map is pooled "
                         f"directly (ResNets, WRN, VGG, ShuffleV1, MobileNetV1)")
 
     def feature_map(self, feats):

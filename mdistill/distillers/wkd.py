@@ -219,6 +219,10 @@ class WKD(Distiller):
             the projector cannot map.
     """
 
+    # An instance whose logit or feature weight is 0 reads less.
+    teacher_reads = frozenset({"logits", "feats"})
+    student_reads = frozenset({"logits", "feats"})
+
     def __init__(self, student, teacher, cost=None, ce_weight=1.0, logit_weight=1.0,
                  feat_weight=1.0, temperature=4.0, sharpen=1.0, sinkhorn_reg=0.05,
                  sinkhorn_iterations=10, hint_layer=-1, mean_cov_ratio=2.0, grid=4, eps=1e-5,
