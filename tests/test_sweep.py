@@ -4,17 +4,19 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from conftest import ROOT, tiny_opts
 from mdistill.analysis.compare import load_runs, summarize
-from mdistill.analysis.sweep import (Backend, SweepRun, expand, launch, load_spec, parse_grid,
-                                     sweep_status)
+from mdistill.analysis.sweep import (Backend, SweepFiles, SweepRun, expand, format_status,
+                                     launch, load_spec, parse_grid, sweep_status)
 from mdistill.config import load_cfg
 from mdistill.engine.launch import new_run_dir, train
 from mdistill.errors import UserError
@@ -220,6 +222,85 @@ def test_a_run_of_two_processes_joins_through_submitits_environment(cifar_root, 
         assert "(2 process(es), device cpu" in handle.read()
     (status,) = sweep_status(out)
     assert status.state == "done" and status.epochs_done == 1
+
+
+def test_status_reads_each_runs_state_and_whether_its_job_lives(tmp_path):
+    out = str(tmp_path / "sweep")
+    runs = expand([KD], {}, [0, 1, 2, 3], ["SOLVER.EPOCHS", "5"], out)
+    files = SweepFiles(out)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()            # a process id that no longer runs
+    jobs = {"host": socket.gethostname(), "driver_pid": os.getpid()}
+    manifest = {"backend": {"name": "local"}, "runs": {
+        run.key: {**vars(run), "jobs": [{"job_id": "1", "after_attempt": attempt, **jobs}]}
+        for run, attempt in zip(runs, (0, 0, 0, 1))}}
+    files.write_manifest(manifest)
+    os.makedirs(runs[0].folder)
+    with open(os.path.join(runs[0].folder, "metrics.jsonl"), "w") as handle:
+        handle.write(json.dumps({"epoch": 1, "test": {"top1": 12.5}}) + "\n")
+    with open(os.path.join(runs[0].folder, "config.yaml"), "w") as handle:
+        handle.write(load_cfg(runs[0].config, runs[0].opts).dump())
+    files.write_state(runs[0].key, "running", pid=os.getpid())             # this process
+    files.write_state(runs[1].key, "running", pid=ended.pid)               # gone
+    files.write_state(runs[2].key, "failed", error="UserError: no such file")
+    # runs[3]: its state (attempt 1) predates its last job: it waits for that job.
+    files.write_state(runs[3].key, "failed", error="an older failure")
+    states = [(status.state, status.epochs_done, status.best_top1, status.note)
+              for status in sweep_status(out)]
+    assert states == [("running", 1, 12.5, ""),
+                      ("failed", 0, None, "the job ended without a word"),
+                      ("failed", 0, None, "UserError: no such file"),
+                      ("queued", 0, None, "")]
+    table = format_status(sweep_status(out))
+    assert "| running at epoch 2 | 1 | 12.50 | 12.50 |" in table
+    assert table.endswith("1 running, 2 failed, 1 queued")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_local_driver_saves_every_run_and_a_relaunch_resumes(
+        cifar_root, teacher_file, tmp_path, monkeypatch, signum):
+    out = str(tmp_path / "sweep")
+    opts = sweep_opts(cifar_root, "DISTILLER.TEACHER_WEIGHTS", teacher_file, "SOLVER.EPOCHS",
+                      "2")
+    (run,) = expand([KD], {}, [0], opts, out)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, out, json.dumps(vars(run))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The run's second step waits for a signal: the one SIGTERM the driver forwards.
+    wait_for_file(os.path.join(out, "paused"), driver)
+    driver.send_signal(signum)
+    stdout, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 128 + signum, stdout + stderr
+    (status,) = sweep_status(out)
+    assert status.state == "stopped" and "signal 15" in status.note
+    with open(os.path.join(run.folder, "log.txt")) as handle:
+        assert "stopped by signal 15 at epoch 1" in handle.read()
+    # Launched again (in this process), the run resumes from that checkpoint.
+    result = launch([run], out, Backend("debug"), log=lambda text: None)
+    assert result["launched"] == [run.key] and result["failed"] == []
+    with open(os.path.join(run.folder, "log.txt")) as handle:
+        assert "resumed from" in handle.read()
+    assert [record["epoch"] for record in read_metrics(run.folder)] == [1, 2]
+
+
+# A local sweep driver whose run pauses in its second step.
+DRIVER = """
+import json, sys
+from mdistill.analysis.sweep import Backend, RunSpec, exit_code, launch
+from test_sweep import PausingRun
+run = RunSpec(**json.loads(sys.argv[2]))
+sys.exit(exit_code(launch([run], sys.argv[1], Backend("local"), run_class=PausingRun,
+                          poll_seconds=0.2)))
+"""
+
+
+def wait_for_file(path, process, timeout=300):
+    """Until ``path`` exists (the run writes it, then waits for a signal)."""
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
 
 
 FAKE_SBATCH = """#!/bin/sh

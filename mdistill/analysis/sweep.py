@@ -874,7 +874,12 @@ def _run_here(files, manifest, specs, backend, run_class, log, poll_seconds, res
 
     def request_stop(signum, frame):
         stop.append(signum)
-    previous_term = signal.signal(signal.SIGTERM, request_stop)
+    # Ctrl-C or SIGTERM: launch nothing more, forward one SIGTERM to each run (they
+    # are out of the terminal's process group), wait for their checkpoints.
+    previous = {}
+    with contextlib.suppress(ValueError):       # not the main thread: no handlers
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, request_stop)
     forwarded = False
     try:
         while pending or running:
@@ -897,16 +902,14 @@ def _run_here(files, manifest, specs, backend, run_class, log, poll_seconds, res
                 for _, job in running.values():
                     with contextlib.suppress(Exception):
                         job._process.send_signal(signal.SIGTERM)   # the controller forwards it
-            try:
-                time.sleep(poll_seconds)
-            except KeyboardInterrupt:
-                stop.append(signal.SIGINT)
+            time.sleep(poll_seconds)
             for slot, (spec, job) in list(running.items()):
                 if job.done():
                     del running[slot]
                     _finish(files, spec, job, log, result)
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if stop:
         result["interrupted"] = stop[0]
 
