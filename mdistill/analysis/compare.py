@@ -487,9 +487,9 @@ def _number(value, decimals=4):
 
 MARKDOWN_COLUMNS = ("dataset", "teacher", "student", "method", "best top-1", "last top-1",
                     "seeds", "epochs", "train time")
-CSV_COLUMNS = ("dataset", "teacher", "student", "method", "settings", "best_top1_mean", "best_top1_std",
-               "last_top1_mean", "last_top1_std", "seeds", "seed_list", "epochs_finished",
-               "epochs_planned", "train_time_s")
+CSV_COLUMNS = ("dataset", "teacher", "student", "method", "settings", "best_top1_mean",
+               "best_top1_std", "last_top1_mean", "last_top1_std", "seeds", "seed_list",
+               "epochs_finished", "epochs_planned", "train_time_s")
 
 
 def format_table(groups, fmt="markdown"):

@@ -90,8 +90,9 @@ def evaluate_checkpoints(patterns, model=None, dataset=None, cfg_path=None, data
                 cfg = get_cfg()
                 cfg.DATASET.TYPE = target.dataset
             data = build_configured_dataset(cfg, target.dataset, root)
-            loaders[key] = (data, build_test_loader(data.test, batch_size, device, mean=data.mean,
-                                                    std=data.std, num_workers=cfg.DATASET.NUM_WORKERS))
+            loaders[key] = (data, build_test_loader(
+                data.test, batch_size, device, mean=data.mean, std=data.std,
+                num_workers=cfg.DATASET.NUM_WORKERS))
         data, loader = loaders[key]
         network = build_model(target.model, data.num_classes, dataset=target.dataset,
                               image_size=data.image_size, small_input=cfg.MODEL.SMALL_INPUT)
