@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mdistill.distillers import DISTILLERS
+from mdistill.distillers.catkd import class_activation_maps
 from mdistill.distillers.ickd import channel_correlation_loss
 from mdistill.distillers.sdd import ScaleDecoupling
 from mdistill.distillers.wkd import teacher_cost_matrix, wkd_feature_loss, wkd_logit_loss
@@ -510,3 +511,30 @@ def test_ickd_embeds_the_student_to_the_teachers_width_and_kd_is_optional():
     assert without_kl.teacher_reads == {"feats"} and without_kl.teacher_temperatures() is None
     losses = run(without_kl, 2, [0, 1], size=32)
     assert set(losses) == {"loss_ce", "loss_feat"} and losses["loss_feat"] > 0
+
+
+# ---------------------------------------------------------------------- precision
+def loss_helpers():
+    rng = np.random.default_rng(15)
+
+    def fp32(*shape):
+        return torch.tensor(rng.normal(size=shape), dtype=torch.float32)
+    student, teacher, weight = fp32(4, 10), fp32(4, 10), fp32(10, 32)
+    maps = fp32(4, 32, 4, 4), fp32(4, 32, 4, 4)
+    cost = torch.tensor(random_cost(rng, 10), dtype=torch.float32)
+    return {
+        "wkd_logit": lambda: wkd_logit_loss(student, teacher, torch.arange(4), cost, 4.0)[1],
+        "ickd": lambda: channel_correlation_loss(*maps),
+        "catkd": lambda: class_activation_maps(maps[0], weight, 2).sum(),
+    }
+
+
+@pytest.mark.parametrize("name", ["wkd_logit", "ickd", "catkd"])
+def test_matrix_products_stay_in_fp32_under_bf16_autocast(name):
+    # Sinkhorn's iterations, the Gram matrices and the CAMs lose about 1e-3 of
+    # their value in bf16; the helpers switch autocast off for them.
+    helper = loss_helpers()[name]
+    expected = float(helper())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = helper()
+    assert value.dtype == torch.float32 and float(value) == pytest.approx(expected, rel=1e-6)

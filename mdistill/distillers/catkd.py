@@ -31,8 +31,9 @@ def class_activation_maps(feature_map, weight, resolution):
     Returns:
         ``[B, classes, resolution, resolution]``.
     """
-    pooled = F.adaptive_avg_pool2d(feature_map.float(), resolution)
-    return torch.einsum("kc,bchw->bkhw", weight.float(), pooled)
+    with torch.autocast(feature_map.device.type, enabled=False):
+        pooled = F.adaptive_avg_pool2d(feature_map.float(), resolution)
+        return torch.einsum("kc,bchw->bkhw", weight.float(), pooled)
 
 
 def cat_loss(student_cams, teacher_cams, normalize):

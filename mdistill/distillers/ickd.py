@@ -37,7 +37,8 @@ def channel_correlation_loss(student_map, teacher_map):
         flat = feature_map.float().flatten(2)
         return F.normalize(torch.bmm(flat, flat.transpose(1, 2)), dim=2)
 
-    difference = correlation(student_map) - correlation(teacher_map)
+    with torch.autocast(student_map.device.type, enabled=False):   # the Gram products in fp32
+        difference = correlation(student_map) - correlation(teacher_map)
     return difference.pow(2).sum() / (channels * batch)
 
 

@@ -129,18 +129,20 @@ def wkd_logit_loss(student_logits, teacher_logits, target, cost, temperature, re
         1, and the batch mean of the Sinkhorn distance between the non-target
         distributions at ``temperature`` over ``relu(cost) + 1e-8``.
     """
-    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
-    index = target.view(-1, 1)
-    log_student = F.log_softmax(student_logits, dim=1).gather(1, index)
-    teacher = F.softmax(teacher_logits, dim=1).gather(1, index)
-    target_term = -(teacher * log_student).mean()
-    is_target = torch.zeros_like(student_logits, dtype=torch.bool).scatter_(1, index, True)
-    student_others = F.softmax((student_logits / temperature).masked_fill(is_target, -math.inf),
-                               dim=1)
-    teacher_others = F.softmax((teacher_logits / temperature).masked_fill(is_target, -math.inf),
-                               dim=1)
-    distance = sinkhorn_cost(student_others, teacher_others, F.relu(cost.float()) + 1e-8, reg,
-                             iterations)
+    # fp32 throughout: autocast would run Sinkhorn's products in half precision.
+    with torch.autocast(student_logits.device.type, enabled=False):
+        student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
+        index = target.view(-1, 1)
+        log_student = F.log_softmax(student_logits, dim=1).gather(1, index)
+        teacher = F.softmax(teacher_logits, dim=1).gather(1, index)
+        target_term = -(teacher * log_student).mean()
+        is_target = torch.zeros_like(student_logits, dtype=torch.bool).scatter_(1, index, True)
+        student_others = F.softmax(
+            (student_logits / temperature).masked_fill(is_target, -math.inf), dim=1)
+        teacher_others = F.softmax(
+            (teacher_logits / temperature).masked_fill(is_target, -math.inf), dim=1)
+        distance = sinkhorn_cost(student_others, teacher_others, F.relu(cost.float()) + 1e-8,
+                                 reg, iterations)
     return target_term, distance.mean()
 
 
