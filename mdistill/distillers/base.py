@@ -7,7 +7,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .teachers import LiveTeacher, average_softened_logits, build_teacher_source  # noqa: F401
+from .teachers import LiveTeacher, build_teacher_source
 
 
 class Distiller(nn.Module):

@@ -3,12 +3,9 @@ import contextlib
 import json
 import math
 import os
-import random
 import signal
-import sys
 import time
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -16,7 +13,11 @@ from ..errors import UserError
 from ..utils.dist import (all_reduce_sum, broadcast_from_main, convert_sync_batchnorm,
                           get_world_size, is_distributed, is_main_process)
 from .checkpoint import save_checkpoint
+from ..utils.hparams import run_hparams
+from ..utils.meters import EpochMeter
+from ..utils.rng import rng_state, set_rng_state
 from .evaluate import evaluate, topk_correct
+from .hooks import PeriodicCheckpointHook, ProgressHook, TeacherSourceHook
 from .schedule import (lr_factor, resumed_segments, saved_schedule, schedule_state,  # noqa: F401
                        stage_at, stage_lr_factor)
 from .update_rules import UPDATE_RULES, commit_step
@@ -33,60 +34,6 @@ def set_base_lr(optimizer, lr=None):
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"] if lr is None else lr
         group["lr"] = group["base_lr"]
-
-
-def rng_state():
-    """Every random generator's state, as tensors and plain data."""
-    numpy_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)),
-                       *numpy_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuples(state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuples(value):
-    return tuple(_as_tuples(item) for item in value) if isinstance(value, (list, tuple)) else value
-
-
-class EpochMeter:
-    """Running sums of the losses and accuracy of one epoch."""
-
-    def __init__(self, state=None):
-        state = state or {}
-        self.sums = dict(state.get("sums", {}))
-        self.correct = state.get("correct", 0.0)
-        self.count = state.get("count", 0)
-        self.steps = state.get("steps", 0)
-        # Steps fp16's gradient scaler skipped (an overflow) this epoch.
-        self.scaler_skips = state.get("scaler_skips", 0)
-
-    def update(self, losses, correct, count):
-        for name, value in losses.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-        self.correct += correct
-        self.count += count
-        self.steps += 1
-
-    def means(self):
-        steps = max(self.steps, 1)
-        means = {name: value / steps for name, value in self.sums.items()}
-        means["top1"] = 100.0 * self.correct / max(self.count, 1)
-        return means
-
-    def state_dict(self):
-        return {"sums": dict(self.sums), "correct": self.correct, "count": self.count,
-                "steps": self.steps, "scaler_skips": self.scaler_skips}
 
 
 class Trainer:
@@ -167,6 +114,10 @@ class Trainer:
                                 for buffer in module.buffers()]
         # Called with "forward" and "step" as a step passes them (the benchmark times phases).
         self.phase_hook = None
+        # Around the loop (engine/hooks.py): progress, the teacher source's work ahead
+        # and report, periodic checkpoints.
+        self.hooks = [ProgressHook(cfg.LOG.PRINT_FREQ), TeacherSourceHook(),
+                      PeriodicCheckpointHook(cfg.LOG.SAVE_EVERY_N_ITERS)]
 
     def leaves_unused(self):
         """Whether some stage leaves a parameter DDP synchronises without a gradient.
@@ -338,61 +289,60 @@ class Trainer:
 
     def train_epoch(self):
         """Train one epoch, evaluate and checkpoint. False when stopped by a signal."""
-        epoch, cfg = self.epoch, self.cfg
+        epoch = self.epoch
         stage = self.start_epoch(epoch)
         if not self.mid_epoch:
             self.train_loader.set_epoch(epoch)
             self.meter = EpochMeter()
         self.mid_epoch = False
         lr = self.optimizer.param_groups[0]["lr"]
-        bar = None
-        if self.main and sys.stderr.isatty():
-            from tqdm import tqdm
-            bar = tqdm(total=len(self.train_loader), initial=self.meter.steps,
-                       desc=f"epoch {epoch}/{self.total_epochs}", leave=False,
-                       dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
-        start, images = time.perf_counter(), 0
-        print_every = cfg.LOG.PRINT_FREQ if self.main and bar is None else 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        source = self.distiller.teacher_source
-        if source is not None:          # work ahead: the cache's missing logits
-            source.before_epoch(self.train_loader, self.autocast)
-        for batch in self.train_loader:
-            values = self.run_step(batch)
-            images += batch["target"].numel()
-            if values is not None and bar is not None:
-                bar.update(1)
-                if self.meter.steps % 10 == 0:
-                    means = self.meter.means()
-                    bar.set_postfix(loss=f"{means['loss']:.3f}", top1=f"{means['top1']:.1f}")
-            elif values is not None and print_every and self.meter.steps % print_every == 0:
-                # No terminal, no bar (SLURM, nohup, run_table.sh logs): a line instead.
-                means, seconds = self.meter.means(), time.perf_counter() - start
-                self.log(f"epoch {epoch}/{self.total_epochs} step {self.meter.steps}/"
-                         f"{len(self.train_loader)} | loss {means['loss']:.4f} | lr "
-                         f"{self.optimizer.param_groups[0]['lr']:.4g} | "
-                         f"{images * get_world_size() / max(seconds, 1e-9):.0f} img/s")
-            if self.stop_requested():
-                self.save(epoch_complete=False)
-                if bar is not None:
-                    bar.close()
-                self.log(f"stopped by signal {self.stop_signal} at epoch {epoch}, step "
-                         f"{self.global_step}; the checkpoint is saved: continue with --resume")
-                return False
-            every = cfg.LOG.SAVE_EVERY_N_ITERS
-            if every and self.global_step % every == 0 and self.meter.steps < len(self.train_loader):
-                self.save(epoch_complete=False)
-        if bar is not None:
-            bar.close()
+        for hook in self.hooks:
+            hook.before_epoch(self)
+        start, images = time.perf_counter(), 0
+        try:
+            for batch in self.train_loader:
+                values = self.run_step(batch)
+                images += batch["target"].numel()
+                for hook in self.hooks:
+                    hook.after_step(self, batch, values)
+                if self.stop_requested():
+                    self.save(epoch_complete=False)
+                    self.log(f"stopped by signal {self.stop_signal} at epoch {epoch}, step "
+                             f"{self.global_step}; the checkpoint is saved: continue with "
+                             f"--resume")
+                    return False
+        finally:
+            for hook in self.hooks:
+                hook.leave_epoch(self)
         elapsed = time.perf_counter() - start
         train = self.meter.means()
         if self.meter.scaler_skips:
             train["scaler_skipped_steps"] = self.meter.scaler_skips
+        test, val = self.evaluate_epoch()
+        record = {"epoch": epoch, "stage": stage.name, "lr": lr, "train": train, "test": test,
+                  **({"val": val} if val is not None else {}),
+                  "best_top1": self.best_acc, "epoch_time": elapsed,
+                  "images_per_sec": images * max(1, get_world_size()) / max(elapsed, 1e-9),
+                  "peak_memory_mb": peak_memory_mb(self.device)}
+        lines = [line for hook in self.hooks for line in hook.after_epoch(self, record) or ()]
+        self.history.append(record)
+        self.log_epoch(record)
+        for line in lines:
+            self.log(line)
+        self.save(epoch_complete=True, test=test, val=val)
+        return True
+
+    def evaluate_epoch(self):
+        """Evaluate the student on the test set (and the validation split) and update
+        "best"; returns ``(test, val or None)``.
+
+        Every process evaluates the model rank 0 saves: its BatchNorm statistics (each
+        process's last forward moved its own). In fp32 whatever SOLVER.AMP, as
+        tools/eval.py evaluates a checkpoint, so the two report the same accuracy.
+        """
         self.distiller.eval()
-        # Every process evaluates the model rank 0 saves: its BatchNorm statistics (each
-        # process's last forward moved its own). In fp32 whatever SOLVER.AMP, as
-        # tools/eval.py evaluates a checkpoint, so the two report the same accuracy.
         broadcast_from_main(self.forward_buffers)
         test = evaluate(self.distiller.forward_test, self.test_loader, self.device)
         val = None
@@ -400,20 +350,7 @@ class Trainer:
             val = evaluate(self.distiller.forward_test, self.val_loader, self.device)
         if self.stage_index == len(self.stages) - 1:    # "best" among the final stage's epochs
             self.best_acc = max(self.best_acc, (val or test)["top1"])
-        record = {"epoch": epoch, "stage": stage.name, "lr": lr, "train": train, "test": test,
-                  **({"val": val} if val is not None else {}),
-                  "best_top1": self.best_acc, "epoch_time": elapsed,
-                  "images_per_sec": images * max(1, get_world_size()) / max(elapsed, 1e-9),
-                  "peak_memory_mb": peak_memory_mb(self.device)}
-        report = source.epoch_report() if source is not None else None
-        if report is not None:      # the cache's hit rate and size, in the log and metrics.jsonl
-            record["teacher_cache"] = report[1]
-        self.history.append(record)
-        self.log_epoch(record)
-        if report is not None:
-            self.log(report[0])
-        self.save(epoch_complete=True, test=test, val=val)
-        return True
+        return test, val
 
     def stop_requested(self):
         """Whether a signal asked any process to stop (under DDP: as of the last
@@ -554,33 +491,6 @@ class Trainer:
         for summary in (experiment, start, end) if finished else (experiment, start):
             self.writer.file_writer.add_summary(summary)
         self.writer.flush()
-
-
-def run_hparams(cfg):
-    """The settings that tell runs apart, for the HPARAMS tab."""
-    params = {"method": cfg.DISTILLER.TYPE, "teacher": cfg.DISTILLER.TEACHER,
-              "student": cfg.DISTILLER.STUDENT, "dataset": cfg.DATASET.TYPE,
-              "seed": cfg.EXPERIMENT.SEED, "tag": cfg.EXPERIMENT.TAG,
-              "lr": cfg.SOLVER.LR, "batch_size": cfg.SOLVER.BATCH_SIZE,
-              "epochs": cfg.SOLVER.EPOCHS, "weight_decay": cfg.SOLVER.WEIGHT_DECAY,
-              "optimizer": cfg.SOLVER.TYPE, "scheduler": cfg.SOLVER.LR_SCHEDULER,
-              "amp": cfg.SOLVER.AMP}
-    section = cfg.get(cfg.DISTILLER.TYPE)
-    if section is not None:
-        params.update(_flat_params(section, cfg.DISTILLER.TYPE + "."))
-    return params
-
-
-def _flat_params(node, prefix):
-    flat = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            flat.update(_flat_params(value, f"{prefix}{key}."))
-        elif isinstance(value, (list, tuple)):
-            flat[prefix + key] = ",".join(str(item) for item in value)
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def selection_summary(history):
