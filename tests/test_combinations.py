@@ -6,7 +6,9 @@ bf16; fp16 where CUDA is present); channels_last; one teacher, several averaged
 by probabilities, several averaged by losses; the teacher cache; methods with
 stages (FSP, AB, FT: every stage runs); zoo, torchvision: and timm: models; one
 process or two gloo processes. The cells are a covering design: method x update
-rule x teachers in full, and every pair of any two features' values at least once.
+rule x teachers in full, and every pair of any two features' values at least once;
+then the SDD switch on for every method, and with other features on the methods
+that honour it.
 
 A cell that trains runs two steps per stage through the real trainer: the losses
 are finite, every module the stage trains moved (the student in the last stage,
@@ -106,7 +108,20 @@ def covering_design():
     return cells
 
 
-CELLS = covering_design()
+def switch_cells():
+    """SDD.ENABLE, a switch three methods honour: on for every method (one teacher,
+    base rule), and on the methods that take it with the other features' values."""
+    plain = {name: values[0] for name, values in FACTORS.items()}
+    cells = [dict(plain, method=method, sdd=True) for method in FACTORS["method"]]
+    for method, changes in (("KD", dict(models="timm", amp="bf16", channels_last=True,
+                                         cache=True)),
+                            ("DKD", dict(rule="dot", teachers="mean_probs")),
+                            ("NKD", dict(models="torchvision", processes=2))):
+        cells.append(dict(plain, method=method, sdd=True, **changes))
+    return cells
+
+
+CELLS = [dict(cell, sdd=False) for cell in covering_design()] + switch_cells()
 
 
 def test_the_design_covers_every_pair_and_the_full_product():
@@ -159,6 +174,8 @@ def cell_opts(cell, folder, teacher_files):
                  "DISTILLER.TEACHER_REDUCE", cell["teachers"]]
     if cell["cache"]:
         opts += ["DISTILLER.TEACHER_CACHE", os.path.join(folder, "cache")]
+    if cell["sdd"]:
+        opts += ["SDD.ENABLE", "True"]
     return opts
 
 
@@ -347,3 +364,9 @@ def test_every_two_process_cell_trains_or_is_refused(teacher_files, tmp_path):
           f"trained, {counts.get('refused', 0)} refused, {len(failures)} failed")
     assert not failures, "\n".join(failures)
     assert counts.get("trained", 0) > 0
+
+
+def test_the_readme_table_is_generated_from_the_declarations():
+    from mdistill.engine.combinations import support_table
+    with open(os.path.join(ROOT, "README.md")) as handle:
+        assert support_table() in handle.read()

@@ -84,6 +84,10 @@ class Distiller(nn.Module):
     #: What the method reads of the student's outputs (``preact_feats`` is refused
     #: for a model without real pre-activation maps).
     student_reads = frozenset({"logits", "feats", "pooled_feat"})
+    #: Config sections of switches the method honours besides its own (``("SDD",)``
+    #: for KD, DKD and NKD): a switch turned on (``<SECTION>.ENABLE``) for a method
+    #: that does not list it is refused before the first step.
+    option_sections = ()
 
     def __init__(self, student, teacher=None):
         super().__init__()

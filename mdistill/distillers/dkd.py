@@ -71,6 +71,7 @@ class DKD(Distiller):
 
     teacher_reads = frozenset({"logits"})
     student_reads = frozenset({"logits"})
+    option_sections = ("SDD",)
 
     def __init__(self, student, teacher, ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0,
                  warmup=20, logit_stand=False, scale_decoupling=None):

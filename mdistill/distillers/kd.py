@@ -33,6 +33,7 @@ class KD(Distiller):
 
     teacher_reads = frozenset({"logits"})
     student_reads = frozenset({"logits"})
+    option_sections = ("SDD",)
 
     def __init__(self, student, teacher, temperature=4.0, ce_weight=0.1, kd_weight=0.9,
                  logit_stand=False, scale_decoupling=None):

@@ -67,6 +67,7 @@ class NKD(Distiller):
 
     teacher_reads = frozenset({"logits"})
     student_reads = frozenset({"logits"})
+    option_sections = ("SDD",)
 
     def __init__(self, student, teacher, temperature=1.0, gamma=1.5, ce_weight=1.0,
                  kd_weight=1.0, warmup=0, scale_decoupling=None):

@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..models import build_model, is_external
 from ..utils.dist import barrier, get_local_rank, get_rank, get_world_size
 from .checkpoint import extract_state_dict, load_checkpoint, load_model_weights
-from .combinations import CONFIG_KEY, check_combination, check_model_outputs
+from .combinations import CONFIG_KEY, check_combination, check_model_outputs, check_switches
 from .teacher_cache import build_teacher_cache
 from .update_rules import UPDATE_RULES
 
@@ -251,8 +251,10 @@ class Experiment:
 
 
 def build_experiment(cfg, device=None, load_teacher_weights=True, data=None):
-    """Build data, models and the distiller from ``cfg``; writes nothing (but
-    the teacher cache's file when DISTILLER.TEACHER_CACHE names a new one).
+    """Build data, models and the distiller from ``cfg``; writes nothing but
+    what is computed once from the teacher and kept for later runs: the teacher
+    cache's file (DISTILLER.TEACHER_CACHE) and WKD's class-cost matrix beside
+    the teacher's checkpoint.
     ``data`` (:class:`~mdistill.data.DatasetSplits`) replaces DATASET.TYPE's
     data, e.g. a synthetic stand-in of its shape (the benchmark's).
 
@@ -283,6 +285,7 @@ def build_experiment(cfg, device=None, load_teacher_weights=True, data=None):
     if teacher is not None:
         for model in teacher if isinstance(teacher, list) else [teacher]:
             model.to(device, memory_format=memory_format)
+    check_switches(cfg, method)
     teachers = teacher if isinstance(teacher, list) else [teacher] if teacher is not None else []
     check_model_outputs(cfg, method.student_reads, method.teacher_reads if teachers else (),
                         student, teachers, cfg.DISTILLER.FEATURE_TEACHER if len(teachers) > 1 else 0)

@@ -14,6 +14,7 @@ instead (:func:`~mdistill.engine.teacher_cache.build_teacher_cache`).
 """
 import re
 
+from ..distillers import DISTILLERS
 from ..errors import UserError
 from ..models import provided_outputs
 
@@ -72,6 +73,23 @@ def check_model_outputs(cfg, student_reads, teacher_reads, student, teachers, fe
                             f"BatchNorm records); choose another {role} or method")
 
 
+def check_switches(cfg, method):
+    """A switch section turned on (``<SECTION>.ENABLE True``) must be one the method
+    honours (its ``option_sections``).
+
+    Raises:
+        UserError: e.g. SDD.ENABLE for a method SDD is not defined on.
+    """
+    for section, node in cfg.items():
+        if isinstance(node, dict) and node.get("ENABLE") is True \
+                and section not in method.option_sections:
+            takers = sorted(name for name in DISTILLERS.names()
+                            if section in DISTILLERS.get(name).option_sections)
+            raise UserError(f"{section}.ENABLE is on but DISTILLER.TYPE {cfg.DISTILLER.TYPE} does "
+                            f"not use it (it applies to {', '.join(takers) or 'no method'}); "
+                            f"set {section}.ENABLE False")
+
+
 def check_combination(cfg, distiller):
     """Every rule of this module for the built method; raises the first UserError."""
     check_update_rule(cfg, distiller)
@@ -79,3 +97,55 @@ def check_combination(cfg, distiller):
     check_model_outputs(cfg, distiller.student_reads, distiller.teacher_reads,
                         distiller.student, teachers,
                         next((i for i, t in enumerate(teachers) if t is distiller.teacher), 0))
+
+
+def support_table():
+    """The README's "what combines with what" table, from the declarations: each
+    registered method built at its defaults (resnet32x4 -> resnet8x4)."""
+    import torch
+    from types import SimpleNamespace
+    from ..config import get_cfg
+    from ..distillers import build_distiller
+    from ..distillers.teachers import check_teacher_source
+    from ..models import build_model
+
+    def verdict(check):
+        try:
+            check()
+            return "yes"
+        except UserError:
+            return "no"
+
+    data = SimpleNamespace(num_classes=100, image_size=32, train_targets=torch.arange(200) % 100)
+    rows = ["| method | reads of the teacher | teacher cache | several teachers, mean_probs "
+            "| mean_loss | SOLVER.TRAINER dot | torchvision:/timm: models |",
+            "|---|---|---|---|---|---|---|"]
+    for name in DISTILLERS.names():
+        cfg = get_cfg()
+        cfg.DISTILLER.TYPE = name
+        torch.manual_seed(0)
+        method = DISTILLERS.get(name)
+        teacher = build_model("resnet32x4", 100) if method.requires_teacher else None
+        distiller = build_distiller(cfg, build_model("resnet8x4", 100), teacher, data)
+        if teacher is None:
+            rows.append(f"| {name} | - | - | - | - | yes | yes |")
+            continue
+        reads = set(distiller.teacher_reads)
+        phases = bool(distiller.extra_phases())
+        probs = verdict(lambda: check_teacher_source(distiller, "mean_probs", 2, phases))
+        if probs == "yes" and reads != {"logits"}:
+            probs = "yes (features from DISTILLER.FEATURE_TEACHER)"
+        loss = verdict(lambda: check_teacher_source(distiller, "mean_loss", 2, phases))
+        dot = verdict(lambda: check_update_rule(SimpleNamespace(
+            SOLVER=SimpleNamespace(TRAINER="dot", EPOCHS=240), DISTILLER=cfg.DISTILLER),
+            distiller))
+        external = ("no (pre-activation maps)" if {"preact_feats", "bn_stats"}
+                    & (reads | set(distiller.student_reads)) else "yes")
+        rows.append(f"| {name} | {', '.join(sorted(reads))} | "
+                    f"{'yes' if reads == {'logits'} else 'no (live teacher)'} | {probs} | "
+                    f"{loss} | {dot} | {external} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(support_table())
