@@ -25,10 +25,9 @@ view's logits are the step's predictions.
 """
 import torch.nn.functional as F
 
-from ..data.randaugment import RandAugmentView
-from ..errors import UserError
 from ..registry import DISTILLERS
 from .base import Distiller
+from .mlkd import TwoViews
 
 
 def kd_per_sample(student_logits, teacher_logits, temperature):
@@ -46,7 +45,7 @@ def confident(teacher_logits, threshold):
 
 
 @DISTILLERS.register("CRLD")
-class CRLD(Distiller):
+class CRLD(TwoViews, Distiller):
     """Within-view and cross-view KD on a weak and a strong view, masked by the
     teacher's confidence, plus the cross-entropy of both views.
 
@@ -85,17 +84,8 @@ class CRLD(Distiller):
         # The KD terms soften at T, the confidence masks read the plain softmax.
         return (float(self.temperature), 1.0)
 
-    def extra_batch_fields(self):
-        return {"image_strong": RandAugmentView(self.augment_ops)}
-
     def forward_train(self, image, target, image_strong=None, **batch):
-        if image_strong is None:
-            raise UserError("CRLD needs the strong view 'image_strong' in each batch (its "
-                            "extra_batch_fields); build the loader with them")
-        weak, _ = self.student(image)
-        strong, _ = self.student(image_strong)
-        teacher_weak, _ = self.teacher_forward(image)
-        teacher_strong, _ = self.teacher_forward(image_strong)
+        weak, strong, teacher_weak, teacher_strong = self.both_views(image, image_strong)
 
         mask_weak = confident(teacher_weak, self.tau_w)
         mask_strong = confident(teacher_strong, self.tau_s)

@@ -62,8 +62,26 @@ def at_most_median(values):
     return values <= torch.quantile(values, 0.5)
 
 
+class TwoViews:
+    """For methods that distil on a weak and a strong view of each image (MLKD,
+    CRLD): the strong view is a declared batch field the loader renders
+    (``image_strong``, RandAugment with ``self.augment_ops`` ops and Cutout), and
+    :meth:`both_views` runs both views through the student and the teacher."""
+
+    def extra_batch_fields(self):
+        return {"image_strong": RandAugmentView(self.augment_ops)}
+
+    def both_views(self, image, image_strong):
+        """``(student weak, student strong, teacher weak, teacher strong)`` logits."""
+        if image_strong is None:
+            raise UserError(f"{type(self).__name__} needs the strong view 'image_strong' in "
+                            f"each batch (its extra_batch_fields); build the loader with them")
+        return (self.student(image)[0], self.student(image_strong)[0],
+                self.teacher_forward(image)[0], self.teacher_forward(image_strong)[0])
+
+
 @DISTILLERS.register("MLKD")
-class MLKD(Distiller):
+class MLKD(TwoViews, Distiller):
     """Multi-level logit distillation on a weak and a strong view.
 
     Args:
@@ -99,17 +117,8 @@ class MLKD(Distiller):
         # Standardized logits are not the teacher's logits softened.
         return None if self.logit_stand else self.temperatures
 
-    def extra_batch_fields(self):
-        return {"image_strong": RandAugmentView(self.augment_ops)}
-
     def forward_train(self, image, target, image_strong=None, **batch):
-        if image_strong is None:
-            raise UserError("MLKD needs the strong view 'image_strong' in each batch (its "
-                            "extra_batch_fields); build the loader with them")
-        weak, _ = self.student(image)
-        strong, _ = self.student(image_strong)
-        teacher_weak, _ = self.teacher_forward(image)
-        teacher_strong, _ = self.teacher_forward(image_strong)
+        weak, strong, teacher_weak, teacher_strong = self.both_views(image, image_strong)
 
         probabilities = F.softmax(teacher_weak.float(), dim=1)
         sample_fraction = at_most_median(probabilities.amax(dim=1)).float().mean()
