@@ -29,13 +29,16 @@ def main(argv):
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--throughput", action="store_true", help="also time inference")
+    parser.add_argument("--ema", action="store_true",
+                        help="run folders: evaluate the student's weight average "
+                             "(student_ema_best; runs with SOLVER.EMA.ENABLE)")
     parser.add_argument("--csv", help="write the table as CSV to this file")
     parser.add_argument("--json", help="write the results as JSON to this file")
     args = parser.parse_args(argv)
     rows = evaluate_checkpoints(args.checkpoints, model=args.model, dataset=args.dataset,
                                 cfg_path=args.cfg, data_root=args.data_root,
                                 batch_size=args.batch_size, device=args.device,
-                                throughput=args.throughput)
+                                throughput=args.throughput, ema=args.ema)
     columns = [column for column in COLUMNS if any(column in row for row in rows)]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))

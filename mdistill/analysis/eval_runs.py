@@ -25,8 +25,14 @@ class Target:
     cfg: object
 
 
-def expand_paths(patterns):
-    """Files, run folders (their student_best) and globs -> checkpoint files."""
+def expand_paths(patterns, ema=False):
+    """Files, run folders (their student_best) and globs -> checkpoint files.
+
+    With ``ema`` a run folder gives its student's weight average instead
+    (student_ema_best, else student_ema_latest; SOLVER.EMA).
+    """
+    names = ("student_ema_best", "student_ema_latest") if ema else ("student_best",
+                                                                     "student_latest")
     paths = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
@@ -34,12 +40,14 @@ def expand_paths(patterns):
             raise UserError(f"no checkpoint matches {pattern!r}")
         for match in matches:
             if os.path.isdir(match):
-                for name in ("student_best", "student_latest"):
+                for name in names:
                     if os.path.isfile(os.path.join(match, name)):
                         paths.append(os.path.join(match, name))
                         break
                 else:
-                    raise UserError(f"run folder {match} has no student_best or student_latest")
+                    raise UserError(f"run folder {match} has no {' or '.join(names)}"
+                                    + (" (was it trained with SOLVER.EMA.ENABLE True?)"
+                                       if ema else ""))
             elif not os.path.isfile(match):
                 raise UserError(f"checkpoint not found: {match}")
             else:
@@ -70,7 +78,7 @@ def describe(path, checkpoint, model=None, dataset=None, cfg_path=None):
 
 
 def evaluate_checkpoints(patterns, model=None, dataset=None, cfg_path=None, data_root=None,
-                         batch_size=256, device="auto", throughput=False):
+                         batch_size=256, device="auto", throughput=False, ema=False):
     """Evaluate every checkpoint ``patterns`` name.
 
     Returns:
@@ -79,7 +87,7 @@ def evaluate_checkpoints(patterns, model=None, dataset=None, cfg_path=None, data
     """
     device = resolve_device(device)
     results, loaders = [], {}
-    for path in expand_paths(patterns):
+    for path in expand_paths(patterns, ema):
         checkpoint = load_checkpoint(path)
         target = describe(path, checkpoint, model, dataset, cfg_path)
         cfg = target.cfg or get_cfg()

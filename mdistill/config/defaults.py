@@ -47,6 +47,24 @@ _C.DATASET.SUBSET_SEED = 0
 _C.DATASET.VAL_FRACTION = 0.0
 # DataLoader worker processes (folder datasets; in-memory ones need none).
 _C.DATASET.NUM_WORKERS = 2
+# The modern recipe (engine/recipe.py), applied to each training batch on the
+# device before the forward; the teacher sees the same images as the student.
+# Resize the images to this side (bilinear, antialiased as torchvision), for
+# training and evaluation, e.g. to a pretrained teacher's resolution (0: off).
+_C.DATASET.RESIZE = 0
+# Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) through timm's Mixup,
+# one draw per batch; the task loss then uses the mixed soft targets. Refused
+# for methods that read the hard labels beyond their cross-entropy.
+_C.DATASET.MIXUP = CN()
+# Beta(ALPHA, ALPHA) of the mixing weight (0: mixup off; timm's ImageNet recipes 0.8).
+_C.DATASET.MIXUP.ALPHA = 0.0
+# Probability of mixing a batch at all.
+_C.DATASET.MIXUP.PROB = 1.0
+# With both on: probability that a mixed batch uses CutMix instead of mixup.
+_C.DATASET.MIXUP.SWITCH_PROB = 0.5
+_C.DATASET.CUTMIX = CN()
+# Beta(ALPHA, ALPHA) of the kept area (0: CutMix off; timm's ImageNet recipes 1.0).
+_C.DATASET.CUTMIX.ALPHA = 0.0
 _C.DATASET.TEST = CN()
 # Global evaluation batch size.
 _C.DATASET.TEST.BATCH_SIZE = 64
@@ -141,6 +159,27 @@ _C.SOLVER.DETERMINISTIC = False
 # How many steps with a non-finite loss may be skipped before the run stops
 # (0: stop at the first one).
 _C.SOLVER.SKIP_NONFINITE_STEPS = 0
+# The modern recipe (engine/recipe.py, engine/schedule.py, engine/update_rules.py).
+# Label smoothing of the task loss's targets (0: off; timm's recipes 0.1).
+_C.SOLVER.LABEL_SMOOTHING = 0.0
+# Linear warm-up: the schedule's rate times epoch / WARMUP_EPOCHS over the final
+# stage's first WARMUP_EPOCHS epochs (0: off).
+_C.SOLVER.WARMUP_EPOCHS = 0
+# Warm up per optimizer step instead of per epoch.
+_C.SOLVER.WARMUP_PER_ITER = False
+# Clip the gradients' global norm to this value (0: off); refused with DOT.
+_C.SOLVER.CLIP_GRAD = 0.0
+# No weight decay on 1-d parameters (norms' weights, biases), as timm's
+# param_groups_weight_decay.
+_C.SOLVER.NO_DECAY_NORM_BIAS = False
+# An exponential moving average of the student's weights (timm's ModelEmaV3),
+# updated after each accepted step and evaluated beside it every epoch.
+_C.SOLVER.EMA = CN()
+_C.SOLVER.EMA.ENABLE = False
+# Its decay per step (timm's default for ImageNet recipes).
+_C.SOLVER.EMA.DECAY = 0.9998
+# timm's decay warm-up: 1 - (1 + step) ** (-2/3), capped at DECAY.
+_C.SOLVER.EMA.WARMUP = False
 
 # -------------------------------------------------------------------- device
 # auto (CUDA when available) | cpu | cuda | cuda:N

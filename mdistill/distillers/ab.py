@@ -140,6 +140,7 @@ class AB(Distiller):
 
     teacher_reads = frozenset({"preact_feats"})
     student_reads = frozenset({"logits", "feats", "preact_feats"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, init_epochs=30, margin=1.0, ce_weight=1.0,
                  image_shape=(3, 32, 32)):

@@ -153,6 +153,7 @@ class AdvKD(Distiller):
 
     teacher_reads = frozenset({"logits"})
     student_reads = frozenset({"logits"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, num_classes, temperature=4.0, ce_weight=0.1,
                  kd_weight=0.9, adv_weight=0.5, warmup_epochs=20, input_kind="logits",

@@ -58,6 +58,7 @@ class AT(Distiller):
 
     teacher_reads = frozenset({"feats"})
     student_reads = frozenset({"logits", "feats"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, p=2, ce_weight=1.0, feat_weight=1000.0,
                  image_shape=(3, 32, 32)):

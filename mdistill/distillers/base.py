@@ -89,6 +89,12 @@ class Distiller(nn.Module):
     #: that does not list it is refused before the first step.
     option_sections = ()
 
+    #: Whether the method reads the labels beyond its cross-entropy (DKD's target
+    #: mask, NKD's target term, CRD's positives). A method that does not (False)
+    #: may be given soft targets: Mixup, CutMix and label smoothing (engine/recipe.py)
+    #: hand it ``target`` as class probabilities ``[B, classes]``, which
+    #: ``F.cross_entropy`` takes; the others are refused them before the first step.
+    reads_hard_labels = True
     def __init__(self, student, teacher=None):
         super().__init__()
         self.student = student

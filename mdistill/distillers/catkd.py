@@ -67,6 +67,7 @@ class CATKD(Distiller):
     # The map each model pools (WRN's instances read relu(preact_feats[-1]) instead).
     teacher_reads = frozenset({"feats"})
     student_reads = frozenset({"logits", "feats"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, ce_weight=1.0, cat_weight=400.0, resolution=2,
                  normalize=True, image_shape=(3, 32, 32)):

@@ -35,6 +35,7 @@ class CC(Distiller):
 
     teacher_reads = frozenset({"pooled_feat"})
     student_reads = frozenset({"logits", "pooled_feat"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, feat_dim=128, ce_weight=1.0, feat_weight=0.02,
                  image_shape=(3, 32, 32)):

@@ -85,6 +85,7 @@ class CTKD(Distiller):
 
     teacher_reads = frozenset({"logits"})
     student_reads = frozenset({"logits"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, t_start=1.0, t_end=20.0, max_lambda=1.0,
                  lambda_epochs=10, ce_weight=0.1, kd_weight=0.9):

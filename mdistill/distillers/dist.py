@@ -51,6 +51,7 @@ class DIST(Distiller):
 
     teacher_reads = frozenset({"logits"})
     student_reads = frozenset({"logits"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, tau=4.0, beta=1.0, gamma=1.0, ce_weight=1.0,
                  kd_weight=2.0):

@@ -68,6 +68,7 @@ class DISTPlus(Distiller):
 
     teacher_reads = frozenset({"logits", "feats"})
     student_reads = frozenset({"logits", "feats"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, tau=1.0, beta=2.0, gamma=2.0, iota=1.0, kappa=1.0,
                  ce_weight=1.0, kd_weight=2.0, image_shape=(3, 32, 32)):

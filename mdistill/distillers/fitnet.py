@@ -65,6 +65,7 @@ class FitNet(Distiller):
 
     teacher_reads = frozenset({"feats"})
     student_reads = frozenset({"logits", "feats"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, hint_layer=2, ce_weight=1.0, feat_weight=100.0,
                  image_shape=(3, 32, 32)):

@@ -59,6 +59,7 @@ class FSP(Distiller):
 
     teacher_reads = frozenset({"feats"})
     student_reads = frozenset({"logits", "feats"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, init_epochs=30, ce_weight=1.0, image_shape=(3, 32, 32)):
         super().__init__(student, teacher)

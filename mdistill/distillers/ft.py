@@ -94,6 +94,7 @@ class FT(Distiller):
 
     teacher_reads = frozenset({"feats"})
     student_reads = frozenset({"logits", "feats"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, init_epochs=30, init_lr=0.01, rate=0.5, ce_weight=1.0,
                  feat_weight=200.0, image_shape=(3, 32, 32)):

@@ -61,6 +61,7 @@ class ICKD(Distiller):
     # Without the KD term an instance reads only the teacher's maps.
     teacher_reads = frozenset({"logits", "feats"})
     student_reads = frozenset({"logits", "feats"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, ce_weight=1.0, kd_weight=1.0, feat_weight=2.5,
                  temperature=4.0, image_shape=(3, 32, 32)):

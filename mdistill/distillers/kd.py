@@ -33,6 +33,7 @@ class KD(Distiller):
 
     teacher_reads = frozenset({"logits"})
     student_reads = frozenset({"logits"})
+    reads_hard_labels = False
     option_sections = ("SDD",)
 
     def __init__(self, student, teacher, temperature=4.0, ce_weight=0.1, kd_weight=0.9,
@@ -46,6 +47,7 @@ class KD(Distiller):
         if scale_decoupling is not None:
             self.teacher_reads = scale_decoupling.teacher_reads
             self.student_reads = scale_decoupling.student_reads
+            self.reads_hard_labels = True     # its regions are weighted by the label
 
     @classmethod
     def from_config(cls, cfg, student, teacher, data_info=None):

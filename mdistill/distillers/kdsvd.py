@@ -108,6 +108,7 @@ class KDSVD(Distiller):
 
     teacher_reads = frozenset({"feats"})
     student_reads = frozenset({"logits", "feats"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, k=1, ce_weight=1.0, feat_weight=1.0,
                  image_shape=(3, 32, 32)):

@@ -53,6 +53,7 @@ class NST(Distiller):
 
     teacher_reads = frozenset({"feats"})
     student_reads = frozenset({"logits", "feats"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, ce_weight=1.0, feat_weight=50.0,
                  image_shape=(3, 32, 32)):

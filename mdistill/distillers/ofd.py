@@ -92,6 +92,7 @@ class OFD(Distiller):
 
     teacher_reads = frozenset({"preact_feats", "bn_stats"})
     student_reads = frozenset({"logits", "preact_feats"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, ce_weight=1.0, feat_weight=0.001, kernel_size=1,
                  image_shape=(3, 32, 32), teacher_bn="batch"):

@@ -42,6 +42,7 @@ class PKT(Distiller):
 
     teacher_reads = frozenset({"pooled_feat"})
     student_reads = frozenset({"logits", "pooled_feat"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, ce_weight=1.0, feat_weight=30000.0):
         super().__init__(student, teacher)

@@ -120,6 +120,7 @@ class ReviewKD(Distiller):
 
     teacher_reads = frozenset({"preact_feats", "pooled_feat"})
     student_reads = frozenset({"logits", "feats", "pooled_feat"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, shapes=(1, 8, 16, 32), out_shapes=(1, 8, 16, 32),
                  in_channels=(64, 128, 256, 256), out_channels=(64, 128, 256, 256),

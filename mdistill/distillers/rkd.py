@@ -71,6 +71,7 @@ class RKD(Distiller):
 
     teacher_reads = frozenset({"pooled_feat"})
     student_reads = frozenset({"logits", "pooled_feat"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, distance_weight=25.0, angle_weight=50.0, ce_weight=1.0,
                  feat_weight=1.0, squared=False, eps=1e-12):

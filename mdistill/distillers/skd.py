@@ -68,6 +68,7 @@ class SKD(Distiller):
 
     teacher_reads = frozenset({"logits"})
     student_reads = frozenset({"logits"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, temperature=4.0, tikhonov=0.1, ce_weight=0.0,
                  instance_weight=1.0, direction_weight=1.0):

@@ -38,6 +38,7 @@ class SP(Distiller):
 
     teacher_reads = frozenset({"feats"})
     student_reads = frozenset({"logits", "feats"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, ce_weight=1.0, feat_weight=3000.0):
         super().__init__(student, teacher)

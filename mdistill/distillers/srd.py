@@ -59,6 +59,7 @@ class SRD(Distiller):
 
     teacher_reads = frozenset({"logits", "pooled_feat"})
     student_reads = frozenset({"logits", "pooled_feat"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, temperature=1.0, exponent=4.0, eps=1e-4, ce_weight=1.0,
                  kd_weight=1.0, feat_weight=2.0, image_shape=(3, 32, 32)):

@@ -12,6 +12,7 @@ class Vanilla(Distiller):
     requires_teacher = False
     teacher_reads = frozenset()
     student_reads = frozenset({"logits"})
+    reads_hard_labels = False
 
     def forward_train(self, image, target, **batch):
         logits, _ = self.student(image)

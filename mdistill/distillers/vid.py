@@ -56,6 +56,7 @@ class VID(Distiller):
 
     teacher_reads = frozenset({"feats"})
     student_reads = frozenset({"logits", "feats"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, ce_weight=1.0, feat_weight=1.0, init_pred_var=5.0,
                  eps=1e-5, image_shape=(3, 32, 32)):

@@ -90,9 +90,63 @@ def check_switches(cfg, method):
                             f"set {section}.ENABLE False")
 
 
+def recipe_keys(cfg):
+    """The keys of the modern recipe that change the task loss's targets, as
+    ``KEY value`` strings (empty when none is on)."""
+    keys = [("DATASET.MIXUP.ALPHA", cfg.DATASET.MIXUP.ALPHA),
+            ("DATASET.CUTMIX.ALPHA", cfg.DATASET.CUTMIX.ALPHA),
+            ("SOLVER.LABEL_SMOOTHING", cfg.SOLVER.LABEL_SMOOTHING)]
+    return [f"{key} {value}" for key, value in keys if value > 0]
+
+
+def check_recipe(cfg, distiller):
+    """The modern recipe's batch transforms (engine/recipe.py) only where they hold.
+
+    Raises:
+        UserError: a value out of range; soft targets (Mixup, CutMix, label
+            smoothing) for a method that reads the hard labels beyond its
+            cross-entropy (DKD's target mask, CRD's positives, ...); the teacher
+            cache with mixed or resized images (it holds the logits of the
+            loader's views); DATASET.RESIZE for a method that reads feature maps
+            (its modules were shaped from maps at the data's own size).
+    """
+    for key, value, low, high in (("DATASET.MIXUP.ALPHA", cfg.DATASET.MIXUP.ALPHA, 0, None),
+                                  ("DATASET.CUTMIX.ALPHA", cfg.DATASET.CUTMIX.ALPHA, 0, None),
+                                  ("DATASET.MIXUP.PROB", cfg.DATASET.MIXUP.PROB, 0, 1),
+                                  ("DATASET.MIXUP.SWITCH_PROB", cfg.DATASET.MIXUP.SWITCH_PROB, 0, 1),
+                                  ("SOLVER.LABEL_SMOOTHING", cfg.SOLVER.LABEL_SMOOTHING, 0, 1),
+                                  ("SOLVER.EMA.DECAY", cfg.SOLVER.EMA.DECAY, 0, 1),
+                                  ("SOLVER.CLIP_GRAD", cfg.SOLVER.CLIP_GRAD, 0, None),
+                                  ("SOLVER.WARMUP_EPOCHS", cfg.SOLVER.WARMUP_EPOCHS, 0, None),
+                                  ("DATASET.RESIZE", cfg.DATASET.RESIZE, 0, None)):
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise UserError(f"{key} {value} is out of range; it must be {bounds}")
+    soft = recipe_keys(cfg)
+    if soft and distiller.reads_hard_labels:
+        raise UserError(f"{', '.join(soft)}: DISTILLER.TYPE {cfg.DISTILLER.TYPE} reads the hard "
+                        f"labels beyond its cross-entropy, which mixed or smoothed targets do "
+                        f"not give; set {' and '.join(key.split()[0] + ' 0' for key in soft)}")
+    mixed = [key for key in soft if not key.startswith("SOLVER")]
+    if cfg.DATASET.RESIZE:
+        mixed.append(f"DATASET.RESIZE {cfg.DATASET.RESIZE}")
+    if mixed and cfg.DISTILLER.TEACHER_CACHE:
+        raise UserError(f"{', '.join(mixed)}: the teacher's inputs are transformed on the device, "
+                        f"but DISTILLER.TEACHER_CACHE holds the logits of the loader's views; "
+                        f"set DISTILLER.TEACHER_CACHE ''")
+    maps = {"feats", "preact_feats", "bn_stats"}
+    reads = set(distiller.student_reads) | (set(distiller.teacher_reads)
+                                            if distiller.teacher is not None else set())
+    if cfg.DATASET.RESIZE and maps & reads:
+        raise UserError(f"DATASET.RESIZE {cfg.DATASET.RESIZE}: DISTILLER.TYPE {cfg.DISTILLER.TYPE} "
+                        f"reads feature maps, whose modules are shaped at the data's own size; "
+                        f"use DATASET.IMAGE_SIZE (resize in the dataset) or a logit method")
+
+
 def check_combination(cfg, distiller):
     """Every rule of this module for the built method; raises the first UserError."""
     check_update_rule(cfg, distiller)
+    check_recipe(cfg, distiller)
     teachers = distiller.teacher_models()
     check_model_outputs(cfg, distiller.student_reads, distiller.teacher_reads,
                         distiller.student, teachers,

@@ -55,7 +55,29 @@ def stage_at(stages, epoch):
         start += stage.epochs
 
 
-def stage_lr_factor(solver, stages, epoch, segments=()):
+def warmup_factor(solver, epoch, progress=1.0):
+    """The linear warm-up's multiple (SOLVER.WARMUP_EPOCHS) in ``epoch`` (1-based,
+    within the final stage).
+
+    Per epoch: ``epoch / WARMUP_EPOCHS`` while ``epoch <= WARMUP_EPOCHS``, so the
+    first epoch already trains at a share of the rate and the last warm-up epoch
+    at the full one. Per step (SOLVER.WARMUP_PER_ITER):
+    ``(epoch - 1 + progress) / WARMUP_EPOCHS`` with ``progress`` in (0, 1] the
+    share of the epoch's steps reached by the step about to be taken. After the
+    warm-up: 1.
+
+    The warm-up multiplies the schedule's factor rather than replacing it: it is
+    a function of the epoch alone, so the resume segments (which record the
+    schedule's own factor) compose with it unchanged.
+    """
+    warmup = solver.WARMUP_EPOCHS
+    if warmup <= 0 or epoch > warmup:
+        return 1.0
+    reached = epoch - 1 + progress if solver.WARMUP_PER_ITER else epoch
+    return min(reached / warmup, 1.0)
+
+
+def stage_lr_factor(solver, stages, epoch, segments=(), progress=1.0):
     """The learning rate's multiple of the base at a global 1-based ``epoch``.
 
     Args:
@@ -64,11 +86,18 @@ def stage_lr_factor(solver, stages, epoch, segments=()):
         epoch: the global epoch.
         segments: the resumes' segments; they belong to the last stage, the only
             one whose length follows SOLVER.EPOCHS.
+        progress: the share of the epoch's steps reached (per-step warm-up).
     """
     index, local = stage_at(stages, epoch)
     stage = stages[index]
-    own = segments if index == len(stages) - 1 else ()
-    return lr_factor(solver, local, stage.epochs, stage.schedule, own)
+    final = index == len(stages) - 1
+    own = segments if final else ()
+    factor = lr_factor(solver, local, stage.epochs, stage.schedule, own)
+    # The warm-up belongs to the stage that follows SOLVER.EPOCHS (an init
+    # stage runs at its own constant rate).
+    if final and stage.schedule:
+        factor *= warmup_factor(solver, local, progress)
+    return factor
 
 
 def schedule_state(stages, segments=()):

@@ -18,6 +18,7 @@ from ..utils.meters import EpochMeter
 from ..utils.rng import rng_state, set_rng_state
 from .evaluate import evaluate, topk_correct
 from .hooks import PeriodicCheckpointHook, ProgressHook, TeacherSourceHook
+from .recipe import BatchRecipe, build_ema
 from .schedule import (lr_factor, resumed_segments, saved_schedule, schedule_state,  # noqa: F401
                        stage_at, stage_lr_factor)
 from .update_rules import UPDATE_RULES, commit_step
@@ -83,6 +84,15 @@ class Trainer:
             set_base_lr(optimizer)
         self.amp_dtype = AMP_DTYPES[cfg.SOLVER.AMP]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.SOLVER.AMP == "fp16")
+        # The modern recipe (engine/recipe.py): the batch's transforms on the device,
+        # and the student's weight average (None when SOLVER.EMA is off), copied
+        # before compile so it holds a plain module.
+        self.recipe = BatchRecipe.from_config(cfg, experiment.data.num_classes)
+        self.ema = build_ema(cfg.SOLVER, self.distiller.student)
+        self.best_ema_acc = -1.0
+        # Batches of the epoch seen so far (the per-step warm-up's position).
+        self.epoch_batches = 0
+        self.lr_epoch = 1
         if cfg.SOLVER.COMPILE:
             self.distiller.student.compile()
             for teacher in self.distiller.teacher_models():
@@ -160,6 +170,9 @@ class Trainer:
             "meter": self.meter.state_dict(),
             "loader": self.train_loader.state_dict(),
             "skipped_steps": self.skipped_steps,
+            "epoch_batches": self.epoch_batches,
+            **({"ema": self.ema.module.state_dict(), "best_ema_acc": self.best_ema_acc}
+               if self.ema is not None else {}),
             "rng": rng_state(),
             "config": self.cfg.dump(),
             # The stages' lengths and the segments resumes added (engine/schedule.py).
@@ -179,6 +192,11 @@ class Trainer:
         self.history = list(state["history"])
         self.global_step = state["global_step"]
         self.skipped_steps = state["skipped_steps"]
+        self.epoch_batches = state.get("epoch_batches", 0)
+        if self.ema is not None:
+            # A run that turns EMA on at a resume starts the average from the student.
+            self.ema.module.load_state_dict(state.get("ema", self.distiller.student.state_dict()))
+            self.best_ema_acc = state.get("best_ema_acc", -1.0)
         set_rng_state(state["rng"])
         # A resume that changed the last stage's length anneals on from the rate reached.
         self.lr_segments = resumed_segments(self.cfg.SOLVER, self.stages, saved_schedule(
@@ -193,9 +211,11 @@ class Trainer:
             self.train_loader.load_state_dict(state["loader"])
             self.mid_epoch = True
 
-    def save(self, epoch_complete, test=None, val=None):
+    def save(self, epoch_complete, test=None, val=None, ema=None):
         """Write ``latest`` (and student_latest, best, epoch_N) atomically; "best"
-        is chosen on ``val`` when there is a validation split, else on ``test``."""
+        is chosen on ``val`` when there is a validation split, else on ``test``.
+        With SOLVER.EMA, ``ema`` (its evaluation) writes student_ema_latest and
+        student_ema_best (chosen the same way among its own evaluations)."""
         if not self.main or self.run_dir is None:
             return
         state = self.state_dict(epoch_complete)
@@ -215,6 +235,14 @@ class Trainer:
             save_checkpoint(student, os.path.join(self.run_dir, "student_best"))
         if self.epoch % self.cfg.LOG.SAVE_CHECKPOINT_FREQ == 0:
             save_checkpoint(state, os.path.join(self.run_dir, f"epoch_{self.epoch}"))
+        if ema is not None:
+            average = {"model": self.ema.module.state_dict(), "epoch": self.epoch,
+                       "test_acc": ema["test"]["top1"]}
+            if ema.get("val") is not None:
+                average["val_acc"] = ema["val"]["top1"]
+            save_checkpoint(average, os.path.join(self.run_dir, "student_ema_latest"))
+            if final_stage and (ema.get("val") or ema["test"])["top1"] >= self.best_ema_acc:
+                save_checkpoint(average, os.path.join(self.run_dir, "student_ema_best"))
 
     # --------------------------------------------------------------- signals
     @contextlib.contextmanager
@@ -280,12 +308,18 @@ class Trainer:
         for name in stage.eval_modules:
             getattr(self.distiller, name).eval()
         self.distiller.on_epoch_start(local_epoch)
-        factor = stage_lr_factor(self.cfg.SOLVER, self.stages, epoch,
-                                 self.lr_segments)
+        self.lr_epoch = epoch
+        self.set_lr()
+        return stage
+
+    def set_lr(self, progress=1.0):
+        """Every optimizer's rate for the epoch :meth:`start_epoch` began, ``progress``
+        of its steps reached (SOLVER.WARMUP_PER_ITER warms up per step)."""
+        factor = stage_lr_factor(self.cfg.SOLVER, self.stages, self.lr_epoch,
+                                 self.lr_segments, progress)
         for optimizer in [self.optimizer, *self.aux_optimizers.values()]:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-        return stage
 
     def train_epoch(self):
         """Train one epoch, evaluate and checkpoint. False when stopped by a signal."""
@@ -294,6 +328,7 @@ class Trainer:
         if not self.mid_epoch:
             self.train_loader.set_epoch(epoch)
             self.meter = EpochMeter()
+            self.epoch_batches = 0
         self.mid_epoch = False
         lr = self.optimizer.param_groups[0]["lr"]
         if self.device.type == "cuda":
@@ -321,8 +356,11 @@ class Trainer:
         if self.meter.scaler_skips:
             train["scaler_skipped_steps"] = self.meter.scaler_skips
         test, val = self.evaluate_epoch()
+        ema = self.evaluate_ema()
         record = {"epoch": epoch, "stage": stage.name, "lr": lr, "train": train, "test": test,
                   **({"val": val} if val is not None else {}),
+                  **({"test_ema": ema["test"]} if ema is not None else {}),
+                  **({"val_ema": ema["val"]} if ema is not None and ema["val"] else {}),
                   "best_top1": self.best_acc, "epoch_time": elapsed,
                   "images_per_sec": images * max(1, get_world_size()) / max(elapsed, 1e-9),
                   "peak_memory_mb": peak_memory_mb(self.device)}
@@ -331,7 +369,7 @@ class Trainer:
         self.log_epoch(record)
         for line in lines:
             self.log(line)
-        self.save(epoch_complete=True, test=test, val=val)
+        self.save(epoch_complete=True, test=test, val=val, ema=ema)
         return True
 
     def evaluate_epoch(self):
@@ -344,13 +382,29 @@ class Trainer:
         """
         self.distiller.eval()
         broadcast_from_main(self.forward_buffers)
-        test = evaluate(self.distiller.forward_test, self.test_loader, self.device)
+        forward = self.recipe.test_transform(self.distiller.forward_test)
+        test = evaluate(forward, self.test_loader, self.device)
         val = None
         if self.val_loader is not None:
-            val = evaluate(self.distiller.forward_test, self.val_loader, self.device)
+            val = evaluate(forward, self.val_loader, self.device)
         if self.stage_index == len(self.stages) - 1:    # "best" among the final stage's epochs
             self.best_acc = max(self.best_acc, (val or test)["top1"])
         return test, val
+
+    def evaluate_ema(self):
+        """Evaluate the student's weight average as the student (SOLVER.EMA);
+        returns ``{"test", "val"}`` (val None without a validation split), or None
+        when it is off. Every process holds the same average (its updates follow
+        the synchronised student), so no broadcast is needed."""
+        if self.ema is None:
+            return None
+        forward = self.recipe.test_transform(lambda image: self.ema.module(image)[0])
+        test = evaluate(forward, self.test_loader, self.device)
+        val = (evaluate(forward, self.val_loader, self.device)
+               if self.val_loader is not None else None)
+        if self.stage_index == len(self.stages) - 1:
+            self.best_ema_acc = max(self.best_ema_acc, (val or test)["top1"])
+        return {"test": test, "val": val}
 
     def stop_requested(self):
         """Whether a signal asked any process to stop (under DDP: as of the last
@@ -376,6 +430,13 @@ class Trainer:
         is not finite is skipped whole: nothing is updated and the BatchNorm
         statistics the forward moved are put back.
         """
+        hard_target = batch["target"]
+        self.epoch_batches += 1
+        if self.recipe.active:
+            # The teacher sees the images the student sees; methods get soft targets.
+            batch = self.recipe(batch)
+        if self.cfg.SOLVER.WARMUP_PER_ITER:
+            self.set_lr(self.epoch_batches / max(len(self.train_loader), 1))
         # fp16's scaler may skip a step too (an overflowing gradient).
         saved = ([buffer.clone() for buffer in self.forward_buffers]
                  if self.cfg.SOLVER.SKIP_NONFINITE_STEPS > 0 or self.scaler.is_enabled()
@@ -393,7 +454,8 @@ class Trainer:
                                            dtype=torch.float32)])
         if is_distributed():
             flags = all_reduce_sum(flags) / get_world_size()
-        correct = topk_correct(logits.detach(), batch["target"], ks=(1,))[0]
+        # Training top-1 against the batch's own labels (mixed images have none).
+        correct = topk_correct(logits.detach(), hard_target, ks=(1,))[0]
         stats = torch.cat([flags, loss.detach().float().reshape(1),
                            torch.stack([value.detach().float() for value in losses.values()]),
                            correct.float().reshape(1)]).tolist()
@@ -420,9 +482,12 @@ class Trainer:
         if self.phase_hook is not None:
             self.phase_hook("step")
         self.global_step += 1
+        if self.ema is not None:
+            # After the accepted step only; timm's step count drives its warm-up.
+            self.ema.update(self.distiller.student, step=self.global_step)
         values = dict(zip(losses, stats[2:-1]))
         values["loss"] = stats[1]
-        self.meter.update(values, stats[-1], batch["target"].numel())
+        self.meter.update(values, stats[-1], hard_target.numel())
         if self.writer is not None and self.global_step % self.cfg.LOG.TENSORBOARD_FREQ == 0:
             for name, value in values.items():
                 self.writer.add_scalar(f"train/{name}", value, self.global_step)
@@ -441,6 +506,8 @@ class Trainer:
                  f"train loss {train.get('loss', float('nan')):.4f} top1 {train['top1']:.2f} | "
                  f"test top1 {test['top1']:.2f} top5 {test['top5']:.2f} loss {test['loss']:.4f} | "
                  + (f"val top1 {record['val']['top1']:.2f} | " if "val" in record else "")
+                 + (f"ema test top1 {record['test_ema']['top1']:.2f} | "
+                    if "test_ema" in record else "")
                  + f"best {record['best_top1']:.2f} | {record['epoch_time']:.1f}s "
                  f"{record['images_per_sec']:.0f} img/s")
         if not self.main or self.run_dir is None:
@@ -454,6 +521,8 @@ class Trainer:
             self.writer.add_scalar(f"train/epoch_{name}", value, step)
         for name in ("top1", "top5", "loss"):
             self.writer.add_scalar(f"test/{name}", test[name], step)
+            if "test_ema" in record:
+                self.writer.add_scalar(f"test_ema/{name}", record["test_ema"][name], step)
             if "val" in record:
                 self.writer.add_scalar(f"val/{name}", record["val"][name], step)
         # "best" is chosen on the validation split when there is one.

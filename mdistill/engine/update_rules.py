@@ -37,15 +37,43 @@ def build_optimizer(solver, params):
     models whose steps are bound by kernel launches. (With fp16's gradient
     scaler the fused step diverged on an H100, so the scaler keeps the
     standard implementation.)
+
+    With SOLVER.NO_DECAY_NORM_BIAS the parameters are split into two groups,
+    see :func:`decay_groups`.
     """
     params = list(params)
     fused = (bool(params) and all(param.is_cuda for param in params)
              and solver.AMP != "fp16")
+    groups = decay_groups(solver, params)
     if solver.TYPE == "SGD":
-        return torch.optim.SGD(params, lr=solver.LR, momentum=solver.MOMENTUM,
+        return torch.optim.SGD(groups, lr=solver.LR, momentum=solver.MOMENTUM,
                                weight_decay=solver.WEIGHT_DECAY, fused=fused or None)
     optimizer = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}[solver.TYPE]
-    return optimizer(params, lr=solver.LR, weight_decay=solver.WEIGHT_DECAY, fused=fused or None)
+    return optimizer(groups, lr=solver.LR, weight_decay=solver.WEIGHT_DECAY, fused=fused or None)
+
+
+def recipe_option(solver, key):
+    """SOLVER.<key> of the modern recipe, off (0/False) for a stand-in solver
+    object written before the key existed (tests' and tools' minimal ones)."""
+    return getattr(solver, key, 0)
+
+
+def decay_groups(solver, params):
+    """``params`` as given, or with SOLVER.NO_DECAY_NORM_BIAS timm's two groups
+    (``timm.optim.param_groups_weight_decay``): no weight decay on 1-d parameters
+    (normalisation layers' weights and biases, every bias), SOLVER.WEIGHT_DECAY on
+    the others. A stage hands the optimizer bare parameters, whose 1-d ones are
+    exactly those timm's rule leaves out by name or by shape."""
+    if not recipe_option(solver, "NO_DECAY_NORM_BIAS"):
+        return params
+    from timm.optim import param_groups_weight_decay
+
+    class Named:
+        # timm reads named_parameters(); positions stand in for the names.
+        def named_parameters(self):
+            return ((str(index), param) for index, param in enumerate(params))
+    groups = param_groups_weight_decay(Named(), solver.WEIGHT_DECAY)
+    return groups or params
 
 
 @UPDATE_RULES.register("base")
@@ -70,7 +98,22 @@ class BaseRule:
             overflow and skipped it (the trainer then commits nothing of the step).
         """
         scaler.scale(sum(losses.values())).backward()
+        clip_gradients(self.solver, optimizer, scaler)
         return scaled_step(optimizer, scaler)
+
+
+def clip_gradients(solver, optimizer, scaler):
+    """Clip the global norm of ``optimizer``'s gradients to SOLVER.CLIP_GRAD (0: off).
+
+    Under fp16's scaler the gradients are unscaled first (``scaler.unscale_``,
+    torch's documented order), so the threshold is in true gradient units; a
+    gradient that overflowed stays non-finite and the scaler skips the step.
+    """
+    if recipe_option(solver, "CLIP_GRAD") <= 0:
+        return
+    scaler.unscale_(optimizer)
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, solver.CLIP_GRAD)
 
 
 def scaled_step(optimizer, scaler):
@@ -180,10 +223,16 @@ class DOTRule(BaseRule):
         if solver.TYPE != "SGD":
             raise UserError(f"SOLVER.TRAINER {solver.TRAINER} (DOT) is an SGD variant; "
                             f"SOLVER.TYPE {solver.TYPE} cannot be used with it (use SGD)")
+        if recipe_option(solver, "CLIP_GRAD") > 0:
+            # DOT keeps two gradients with their own momenta: clipping their sum,
+            # or each alone, would be a trainer of our own, not DOT; so refuse.
+            raise UserError(f"SOLVER.CLIP_GRAD {solver.CLIP_GRAD} cannot be used with "
+                            f"SOLVER.TRAINER {solver.TRAINER} (DOT keeps two gradients with "
+                            f"their own momenta); set SOLVER.CLIP_GRAD 0 or SOLVER.TRAINER base")
 
     def build_optimizer(self, params):
         solver = self.solver
-        return DOTOptimizer(params, lr=solver.LR, momentum=solver.MOMENTUM - solver.DOT.DELTA,
+        return DOTOptimizer(decay_groups(solver, list(params)), lr=solver.LR, momentum=solver.MOMENTUM - solver.DOT.DELTA,
                             momentum_kd=solver.MOMENTUM + solver.DOT.DELTA,
                             weight_decay=solver.WEIGHT_DECAY)
 
