@@ -573,6 +573,36 @@ _C.ICKD.LOSS.FEAT_WEIGHT = 2.5
 # Weight of KD (-a; 0 is the README's "ICKD-C (w/o KL)", the teacher's logits unread).
 _C.ICKD.LOSS.KD_WEIGHT = 1.0
 
+# OFA-KD (Hao et al. 2023; Hao840/OFAKD train.py's --ofa-* and --*-loss-weight
+# defaults): branches from student stages into the logit space, and the loss
+# -sum((p_t + 1_y)^EPS - 1_y) log p_s against the teacher's logits.
+_C.OFA = CN()
+# Student stages with a branch, numbered from 1 over its maps besides the stem;
+# [] is every one (the authors' 1 2 3 4 on their four-stage students).
+_C.OFA.STAGES = []
+# Target-enhancement exponent (1: plain soft targets; the authors' README runs
+# DeiT-T -> ResNet18 with 1.5).
+_C.OFA.EPS = 1.0
+# Softmax temperature of the OFA loss (not multiplied back as T^2).
+_C.OFA.TEMPERATURE = 1.0
+# Weight of the branches' OFA losses, summed over branches.
+_C.OFA.LOSS_WEIGHT = 1.0
+# Weight of the cross-entropy on the labels.
+_C.OFA.CE_WEIGHT = 1.0
+# Weight of the OFA loss on the student's own logits.
+_C.OFA.KD_WEIGHT = 1.0
+
+# DeiT (Touvron et al. 2021; facebookresearch/deit): a student with a
+# distillation token; loss (1 - ALPHA) CE(class head) + ALPHA distillation(head
+# of the token); evaluated on the mean of the two heads.
+_C.DEIT = CN()
+# hard: CE against the teacher's argmax (the authors' best); soft: KL at TAU.
+_C.DEIT.MODE = "hard"
+# Weight of the distillation head's loss.
+_C.DEIT.ALPHA = 0.5
+# Temperature of the soft mode.
+_C.DEIT.TAU = 1.0
+
 # --- methods since 2023: WTTM, WKD, SDD, CAT-KD, ICKD (sections above this line)
 
 # CRLD (Zhang et al. 2024): within-view and cross-view KD on a weak and a strong

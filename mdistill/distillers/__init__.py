@@ -9,6 +9,7 @@ from . import nst, pkt, sp, kdsvd, vid  # noqa: F401  (registration: mdistiller'
 from . import dkd, reviewkd, ofd  # noqa: F401  (registration: DKD, ReviewKD, OFD)
 from . import crld, distplus, srd, skd  # noqa: F401  (registration: methods since 2023)
 from . import wttm, wkd, catkd, ickd  # noqa: F401  (registration: methods since 2023)
+from . import ofa, deit  # noqa: F401  (registration: across architectures)
 
 __all__ = ["DISTILLERS", "Distiller", "build_distiller", "kd_loss", "probe_features"]
 

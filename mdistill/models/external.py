@@ -126,6 +126,12 @@ class ExternalClassifier(nn.Module):
 
     #: Whether ``feats[0]`` is the stem's map; set per family at construction.
     stem_map = True
+    #: Whether the maps are a transformer's tokens, all at one stride (ViT), rather
+    #: than a pyramid (CNN, Swin); OFA builds its projectors for what they are.
+    token_maps = False
+    #: Whether the model has a distillation token and head (timm's ``deit_*_distilled_*``):
+    #: its ``feats["dist_logits"]`` are that head's logits, ``logits`` the class head's.
+    has_dist_head = False
 
     def __init__(self, name, network):
         super().__init__()
@@ -138,6 +144,7 @@ class ExternalClassifier(nn.Module):
         """What the model really gives (see :func:`mdistill.models.provided_outputs`):
         ``logits``, ``pooled_feat`` and, when its stages are known, ``feats``."""
         return frozenset({"logits"} | ({"pooled_feat"} if self.has_pooled else set())
+                         | ({"dist_logits"} if self.has_dist_head else set())
                          | ({"feats"} if self.has_stages else set()))
 
     def adapt_state_dict(self, state):
@@ -177,6 +184,7 @@ class TorchvisionClassifier(ExternalClassifier):
         self.stage_nodes, self.token_stages, self.stem_map = _torchvision_stages(
             network, nodes, image_size, removed)
         self.has_stages = bool(self.stage_nodes)
+        self.token_maps = bool(self.token_stages)
         self.logits_node = nodes[-1]
         linear = _last_linear_name(network)
         self.pooled_node = nodes[-2] if linear is not None and nodes[-1] == linear else None
@@ -341,16 +349,34 @@ def adapt_stem(network):
             convolutions += 1
             if convolutions == 1:
                 removed *= module.stride[0]
-                module.stride = (1, 1)
+                if module.kernel_size == module.stride and module.padding == (0, 0) \
+                        and module.stride[0] > 1:
+                    # A patchify stem (ConvNeXt's 4x4 at stride 4) at stride 1 would
+                    # shrink every map by 3 pixels: pad it to keep the input's size.
+                    _replace(network, name, _same_padded(module))
+                else:
+                    module.stride = (1, 1)
             else:
                 return removed
         elif isinstance(module, nn.MaxPool2d) and convolutions == 1:
             stride = module.stride if isinstance(module.stride, int) else module.stride[0]
             removed *= stride
-            parent_name, _, child = name.rpartition(".")
-            parent = network.get_submodule(parent_name) if parent_name else network
-            setattr(parent, child, nn.Identity())
+            _replace(network, name, nn.Identity())
     return removed
+
+
+def _replace(network, name, module):
+    parent_name, _, child = name.rpartition(".")
+    parent = network.get_submodule(parent_name) if parent_name else network
+    setattr(parent, child, module)
+
+
+def _same_padded(conv):
+    """``conv`` at stride 1 with "same" padding, its weights kept."""
+    padded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=1,
+                       padding="same", groups=conv.groups, bias=conv.bias is not None)
+    padded.load_state_dict(conv.state_dict())
+    return padded
 
 
 # --------------------------------------------------------------------- timm
@@ -371,7 +397,10 @@ class TimmClassifier(ExternalClassifier):
         options = {"num_classes": num_classes}
         probe = timm.create_model(arch, pretrained=False, **options)
         transformer = hasattr(probe, "patch_embed") and hasattr(probe, "blocks")
-        if transformer and tuple(getattr(probe.patch_embed, "img_size", ())) != (image_size,) * 2:
+        # Patch-embedded models (ViT, DeiT, Swin) are built for the input size;
+        # their patch grid then fits it and the stem is left as it is.
+        patch_embedded = getattr(getattr(probe, "patch_embed", None), "img_size", None) is not None
+        if patch_embedded and tuple(probe.patch_embed.img_size) != (image_size,) * 2:
             options["img_size"] = image_size
         if pretrained:
             try:
@@ -383,9 +412,11 @@ class TimmClassifier(ExternalClassifier):
                                 f"DISTILLER.TEACHER_WEIGHTS to a checkpoint instead") from None
         else:
             network = timm.create_model(arch, **options) if "img_size" in options else probe
-        if small_input and not transformer:
+        if small_input and not patch_embedded:
             adapt_stem(network)
         super().__init__(f"timm:{arch}", network)
+        self.token_maps = transformer
+        self.has_dist_head = isinstance(getattr(network, "head_dist", None), nn.Module)
         self.indices = (_evenly_spaced(len(network.blocks), VIT_STAGES) if transformer
                         else None)
         self.has_stages = callable(getattr(network, "forward_intermediates", None))
@@ -399,9 +430,23 @@ class TimmClassifier(ExternalClassifier):
             final, maps = network.forward_intermediates(x, indices=self.indices)
         else:
             final, maps = network.forward_features(x), []
-        logits, pooled = self._head(final)
         given = {"feats": list(maps)} if maps else {}
+        if self.has_dist_head:
+            logits, pooled, given["dist_logits"] = self._two_heads(final)
+        else:
+            logits, pooled = self._head(final)
         return logits, ExternalFeats(self.name, pooled_feat=pooled, **given)
+
+    def _two_heads(self, final):
+        """``(class-head logits, its input, distillation-head logits)`` of a model
+        with a distillation token: tokens 0 and 1 through their own heads, as
+        timm's distilled training mode returns them (its eval mode averages the
+        two; DEIT's ``forward_test`` does that)."""
+        network = self.network
+        class_token = network.head_drop(final[:, 0])
+        distillation_token = network.head_drop(final[:, 1])
+        return (network.head(class_token), class_token,
+                network.head_dist(distillation_token))
 
     def _head(self, final):
         """``(logits, the classifier's input)`` from one call of the head, so the
