@@ -7,6 +7,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..models import probe_outputs
 from .teachers import LiveTeacher, build_teacher_source
 
 
@@ -88,13 +89,13 @@ class Distiller(nn.Module):
     #: for KD, DKD and NKD): a switch turned on (``<SECTION>.ENABLE``) for a method
     #: that does not list it is refused before the first step.
     option_sections = ()
-
     #: Whether the method reads the labels beyond its cross-entropy (DKD's target
     #: mask, NKD's target term, CRD's positives). A method that does not (False)
     #: may be given soft targets: Mixup, CutMix and label smoothing (engine/recipe.py)
     #: hand it ``target`` as class probabilities ``[B, classes]``, which
     #: ``F.cross_entropy`` takes; the others are refused them before the first step.
     reads_hard_labels = True
+
     def __init__(self, student, teacher=None):
         super().__init__()
         self.student = student
@@ -494,21 +495,6 @@ def match_spatial_size(student_feature, teacher_feature):
     return student_feature, teacher_feature
 
 
-@torch.no_grad()
-def probe_features(model, image_shape, device=None):
-    """Run ``model`` once on zeros in eval mode to learn its feature shapes.
-
-    The model's train/eval mode and BN statistics are left as they were
-    (mdistiller probed in train mode, which moved the teacher's BN statistics).
-
-    Returns:
-        ``(logits, feats)`` for a batch of 2.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters(), None)
-        device = device or (param.device if param is not None else "cpu")
-        return model(torch.zeros(2, *image_shape, device=device))
-    finally:
-        model.train(was_training)
+#: Run a model once on zeros in eval mode to learn its output shapes, leaving its
+#: mode and BatchNorm statistics as they were (:func:`mdistill.models.probe_outputs`).
+probe_features = probe_outputs

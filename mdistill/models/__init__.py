@@ -20,10 +20,11 @@ from . import cifar, imagenet  # noqa: F401  (registration)
 from .external import build_external, is_external
 from .imagenet import torchvision_weights
 from .stages import (MODEL_OUTPUTS, StageInfo, model_name, pair_model_stages, pair_stages,
-                     provided_outputs, stage_info)
+                     probe_outputs, provided_outputs, stage_info)
 
 __all__ = ["MODEL_OUTPUTS", "StageInfo", "build_model", "is_external", "model_name",
-           "model_names", "pair_model_stages", "pair_stages", "provided_outputs", "stage_info",
+           "model_names", "pair_model_stages", "pair_stages", "probe_outputs", "provided_outputs",
+           "stage_info",
            "torchvision_weights"]
 
 

@@ -104,14 +104,25 @@ def _image_shape(image_size):
 
 
 @torch.no_grad()
-def _probe(model, image_shape):
-    # Eval mode, so BatchNorm's running statistics stay as they were.
+def probe_outputs(model, image_shape, device=None):
+    """Run ``model`` once on zeros in eval mode to learn its output shapes.
+
+    The model's train/eval mode and BN statistics are left as they were
+    (mdistiller probed in train mode, which moved the teacher's BN statistics).
+
+    Args:
+        image_shape: ``(channels, height, width)`` of the inputs.
+        device: where to put the zeros (default: the model's first parameter's).
+
+    Returns:
+        ``(logits, feats)`` for a batch of 2.
+    """
     was_training = model.training
     model.eval()
     try:
         param = next(model.parameters(), None)
-        device = param.device if param is not None else "cpu"
-        return model(torch.zeros(2, *image_shape, device=device))[1]
+        device = device or (param.device if param is not None else "cpu")
+        return model(torch.zeros(2, *image_shape, device=device))
     finally:
         model.train(was_training)
 
@@ -138,7 +149,7 @@ def stage_info(model, image_size, feats=None):
     """
     image_shape = _image_shape(image_size)
     if feats is None:
-        feats = _probe(model, image_shape)
+        feats = probe_outputs(model, image_shape)[1]
     stem_first = bool(getattr(unwrapped(model), "stem_map", True))
     infos = []
     for index, feature in enumerate(feats["feats"]):
