@@ -107,6 +107,39 @@ def test_ofa_builds_transformer_branches_for_a_vit_student():
     assert all(p.grad is not None for p in distiller.branches.parameters())
 
 
+@pytest.mark.parametrize("name, halvings", [("swin_tiny_patch4_window7_224", [3, 2, 1, 0]),
+                                             ("test_convnext", [3, 2, 1, 0])])
+def test_ofa_gives_pyramid_students_downsampling_branches(name, halvings):
+    """Swin's and ConvNeXt's maps are a pyramid: each stage's branch halves its map
+    down to the last stage's size (a 1x1 convolution on the last)."""
+    torch.manual_seed(0)
+    student = build_model(f"timm:{name}", 10, image_size=32, small_input=True)
+    distiller = OFA(student, build_model("resnet8", 10), 10).train()
+    counts = [sum(isinstance(layer, torch.nn.Sequential) for layer in distiller.branches[key])
+              for key in sorted(distiller.branches)]
+    assert counts == halvings
+    _, losses = distiller(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+    losses["loss_ofa"].backward()
+    assert all(p.grad is not None for p in distiller.branches.parameters())
+
+
+def test_transformer_branch_merges_patches_down_to_seven_by_seven():
+    from mdistill.distillers.ofa import PatchMerging, TransformerBranch
+    branch = TransformerBranch(dim=8, grid=28, width=16, blocks=1, num_classes=5)
+    merges = [layer for layer in branch.merge if isinstance(layer, PatchMerging)]
+    assert len(merges) == 2 and isinstance(merges[-1].act, torch.nn.Identity)
+    assert branch.merge(torch.randn(2, 8, 28, 28)).shape == (2, 16, 7, 7)
+    assert branch(torch.randn(2, 8, 28, 28)).shape == (2, 5)
+    # Merging concatenates each 2x2 neighbourhood: top-left, bottom-left, top-right, bottom-right.
+    merge = PatchMerging(1, 4, act=False)
+    with torch.no_grad():
+        merge.norm.weight.fill_(1.0)
+        merge.reduction.weight.copy_(torch.eye(4))
+    image = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    normalised = torch.nn.functional.layer_norm(torch.tensor([1.0, 3.0, 2.0, 4.0]), (4,))
+    assert torch.allclose(merge(image).flatten(), normalised, atol=1e-6)
+
+
 @pytest.mark.parametrize("stages", [[0], [4], [1, 1]])
 def test_ofa_refuses_stages_the_student_lacks(stages):
     with pytest.raises(UserError, match=r"^OFA.STAGES .*resnet8 has stages 1 to 3 besides its stem"):
