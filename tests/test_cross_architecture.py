@@ -142,7 +142,8 @@ def test_transformer_branch_merges_patches_down_to_seven_by_seven():
 
 @pytest.mark.parametrize("stages", [[0], [4], [1, 1]])
 def test_ofa_refuses_stages_the_student_lacks(stages):
-    with pytest.raises(UserError, match=r"^OFA.STAGES .*resnet8 has stages 1 to 3 besides its stem"):
+    with pytest.raises(UserError,
+                       match=r"^OFA.STAGES .*resnet8 has stages 1 to 3 besides its stem"):
         OFA(build_model("resnet8", 10), build_model("resnet8", 10), 10, stages=stages)
 
 
