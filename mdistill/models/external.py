@@ -33,6 +33,10 @@ says what is there. ``pooled_feat`` is what the last linear layer reads. A model
 of another family still trains with logit methods; a feature method then stops
 with an error naming the model.
 
+A timm model with a distillation token (``deit_*_distilled_*``) gives its class
+head's logits as ``logits`` and its distillation head's as ``feats["dist_logits"]``
+(DEIT trains the two and evaluates their mean, as timm's eval mode).
+
 The network's parameters live under ``network.``; :meth:`ExternalClassifier.adapt_state_dict`
 also accepts the library's own keys, so a checkpoint saved from a plain
 torchvision or timm model loads as DISTILLER.TEACHER_WEIGHTS.
@@ -142,7 +146,8 @@ class ExternalClassifier(nn.Module):
 
     def provided_outputs(self):
         """What the model really gives (see :func:`mdistill.models.provided_outputs`):
-        ``logits``, ``pooled_feat`` and, when its stages are known, ``feats``."""
+        ``logits``, ``pooled_feat``, ``feats`` when its stages are known and
+        ``dist_logits`` when it has a distillation token."""
         return frozenset({"logits"} | ({"pooled_feat"} if self.has_pooled else set())
                          | ({"dist_logits"} if self.has_dist_head else set())
                          | ({"feats"} if self.has_stages else set()))
