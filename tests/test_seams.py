@@ -174,3 +174,23 @@ def test_torchvision_teacher_weights_offline_name_the_file(monkeypatch, tmp_path
     message = str(error.value)
     assert "\n" not in message and str(tmp_path / "torch" / "hub" / "checkpoints") in message
     assert "resnet34-b627a593.pth" in message and "DISTILLER.TEACHER_WEIGHTS" in message
+
+
+# ------------------------------------------------------------ data, once per node
+@pytest.mark.parametrize("rank, local_rank, builds_after", [(0, 0, 0), (2, 0, 1), (1, 1, 2),
+                                                            (3, 1, 2)])
+def test_the_global_first_process_prepares_the_data_before_other_nodes(
+        rank, local_rank, builds_after, monkeypatch):
+    # Two nodes of two processes on a shared filesystem: rank 0 downloads first, then
+    # the other node's first process (which finds the files), then everyone else.
+    from mdistill.engine import builder
+    barriers, built_at = [], []
+    monkeypatch.setattr(builder, "get_world_size", lambda: 4)
+    monkeypatch.setattr(builder, "get_rank", lambda: rank)
+    monkeypatch.setattr(builder, "get_local_rank", lambda: local_rank)
+    monkeypatch.setattr(builder, "barrier", lambda: barriers.append(1))
+    monkeypatch.setattr(builder, "build_configured_dataset", lambda cfg: built_at.append(
+        len(barriers)) or "data")
+    monkeypatch.setattr(builder, "apply_split_options", lambda data, *args: data)
+    assert builder.load_dataset_once_per_node(load_cfg(CONFIG)) == "data"
+    assert built_at == [builds_after] and len(barriers) == 2
