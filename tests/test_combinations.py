@@ -8,7 +8,9 @@ stages (FSP, AB, FT: every stage runs); zoo, torchvision: and timm: models; one
 process or two gloo processes. The cells are a covering design: method x update
 rule x teachers in full, and every pair of any two features' values at least once;
 then the SDD switch on for every method, and with other features on the methods
-that honour it.
+that honour it; then the modern recipe's keys (Mixup with CutMix, label smoothing,
+resizing on the device, EMA, per-step warm-up, gradient clipping, no decay on
+norms and biases), each on alone and all on together (:func:`recipe_cells`).
 
 A cell that trains runs two steps per stage through the real trainer: the losses
 are finite, every module the stage trains moved (the student in the last stage,
@@ -61,6 +63,14 @@ FACTORS = {
 }
 #: The factors taken in full; the others are chosen to cover every pair.
 FULL = ("method", "rule", "teachers")
+#: The modern recipe's factors (engine/recipe.py), each off or on, and the keys "on" sets.
+RECIPE = {"mixup": ["DATASET.MIXUP.ALPHA", "0.8", "DATASET.CUTMIX.ALPHA", "1.0"],
+          "smoothing": ["SOLVER.LABEL_SMOOTHING", "0.1"],
+          "ema": ["SOLVER.EMA.ENABLE", "True", "SOLVER.EMA.DECAY", "0.5"],
+          "warmup": ["SOLVER.WARMUP_EPOCHS", "1", "SOLVER.WARMUP_PER_ITER", "True"],
+          "clip": ["SOLVER.CLIP_GRAD", "1.0"],
+          "no_decay": ["SOLVER.NO_DECAY_NORM_BIAS", "True"],
+          "resize": ["DATASET.RESIZE", "40"]}
 #: A config key in a refusal: upper-case words joined by dots (DISTILLER.TEACHERS[1]).
 KEY = re.compile(r"\b[A-Z][A-Z0-9_]*\.[A-Z][A-Z0-9_.]*")
 
@@ -121,7 +131,32 @@ def switch_cells():
     return cells
 
 
-CELLS = [dict(cell, sdd=False) for cell in covering_design()] + switch_cells()
+def recipe_cells():
+    """The modern recipe's keys, outside the covering design (where a cell with several
+    of them on is refused by one or another and trains none): the keys whose verdict
+    depends on what a method reads (mixup, smoothing, resize) on alone for every
+    method; the trainer's own mechanisms (EMA, warm-up, clipping, no decay) on alone
+    for methods that exercise each part of the loop (after_step, an extra phase,
+    stages, DOT); then every key on together with the other features."""
+    plain = dict({name: values[0] for name, values in FACTORS.items()}, sdd=False)
+    cells = []
+    for key in ("mixup", "smoothing", "resize"):
+        cells += [dict(plain, method=method, **{key: True}) for method in FACTORS["method"]]
+    for key in ("ema", "warmup", "clip", "no_decay"):
+        for method, changes in (("KD", {}), ("CRD", {}), ("ADVKD", {}), ("FT", {}),
+                                ("DKD", dict(rule="dot"))):
+            cells.append(dict(plain, method=method, **changes, **{key: True}))
+    every = dict.fromkeys(RECIPE, True)
+    for changes in (dict(method="KD", models="torchvision", amp="bf16", channels_last=True),
+                    dict(method="DIST", teachers="mean_probs"),
+                    dict(method="KD", teachers="mean_loss"),
+                    dict(method="SKD", models="timm"),
+                    dict(method="DIST", processes=2)):
+        cells.append(dict(plain, **every, **changes))
+    return cells
+
+
+CELLS = [dict(cell, sdd=False) for cell in covering_design()] + switch_cells() + recipe_cells()
 
 
 def test_the_design_covers_every_pair_and_the_full_product():
@@ -176,6 +211,9 @@ def cell_opts(cell, folder, teacher_files):
         opts += ["DISTILLER.TEACHER_CACHE", os.path.join(folder, "cache")]
     if cell["sdd"]:
         opts += ["SDD.ENABLE", "True"]
+    for name, keys in RECIPE.items():
+        if cell.get(name):
+            opts += keys
     return opts
 
 
@@ -251,6 +289,7 @@ def run_cell(cell, folder, teacher_files):
     teachers = distiller.teacher_models()
     teacher_state = [snapshot([("t", teacher)])["t"] for teacher in teachers]
     checked = ""
+    average = trainer.ema.module if trainer.ema is not None else None
     for index, stage in enumerate(trainer.stages):
         trainer.start_epoch(1 + sum(previous.epochs for previous in trainer.stages[:index]))
         trainer.train_loader.set_epoch(1)
@@ -258,7 +297,7 @@ def run_cell(cell, folder, teacher_files):
         modules = [(name, module) for name, module in distiller.named_children()
                    if any(id(p) in trained for p in module.parameters())]
         own = [(name, getattr(distiller, name)) for name in distiller.auxiliary_module_names()]
-        before = snapshot(modules + own)
+        before = snapshot(modules + own + ([("ema", average)] if average is not None else []))
         for step, batch in zip(range(2), trainer.train_loader):
             if step == 0 and index == 0 and len(teachers) > 1 and cell["amp"] == "none" \
                     and cell["processes"] == 1:
@@ -272,6 +311,10 @@ def run_cell(cell, folder, teacher_files):
         for name, module in modules:
             if not moved(before[name], module):
                 return "failed", f"stage {stage.name}: {name} did not move"
+        # The student's average follows every accepted step (SOLVER.EMA).
+        if average is not None and "student" in dict(modules) \
+                and not moved(before["ema"], average):
+            return "failed", f"stage {stage.name}: the student's EMA did not move"
         phases = {phase.module: phase.steps for phase in distiller.extra_phases()}
         for name, module in own:
             if phases[name] > 0 and not moved(before[name], module):
@@ -315,6 +358,9 @@ def test_every_single_process_cell_trains_or_is_refused(teacher_files, tmp_path)
     trained = {cell["method"] for (status, _), cell in results if status == "trained"}
     assert trained == set(FACTORS["method"]), set(FACTORS["method"]) - trained
     assert any("float64 reference" in detail for (_, detail), _ in results)
+    untrained = [key for key in RECIPE if not any(status == "trained" and cell.get(key)
+                                                  for (status, _), cell in results)]
+    assert not untrained, f"no cell trains with {untrained} on"
 
 
 # ------------------------------------------------------------- two processes

@@ -170,6 +170,21 @@ def test_resize_is_refused_for_a_method_that_reads_feature_maps(cifar_root, teac
         build_experiment(cfg)
 
 
+def test_resize_is_refused_naming_a_model_that_does_not_take_the_size():
+    from mdistill.engine.combinations import check_resized_inputs
+    from mdistill.models import build_model
+    vit = build_model("timm:test_vit", 10, dataset="synthetic", image_size=32, small_input=True)
+    student = build_model("resnet8", 10)
+    cfg = get_cfg()
+    cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT, cfg.DATASET.RESIZE = "timm:test_vit", "resnet8", 40
+    distiller = SimpleNamespace(student=student, teacher_models=lambda: [vit])
+    with pytest.raises(UserError, match=r"^DATASET.RESIZE 40: DISTILLER.TEACHER timm:test_vit "
+                                        r"does not take 40x40 images \(Input height \(40\)"):
+        check_resized_inputs(cfg, distiller)
+    cfg.DATASET.RESIZE = 48
+    check_resized_inputs(cfg, SimpleNamespace(student=student, teacher_models=lambda: []))
+
+
 # --------------------------------------------------------------------- EMA
 def test_ema_is_the_hand_computed_average_over_three_steps_and_skips_skipped_steps(
         cifar_root, teacher_file, tmp_path):

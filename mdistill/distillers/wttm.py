@@ -44,6 +44,7 @@ class WTTM(Distiller):
 
     teacher_reads = frozenset({"logits"})
     student_reads = frozenset({"logits"})
+    reads_hard_labels = False
 
     def __init__(self, student, teacher, gamma=0.2, ce_weight=1.0, kd_weight=4.0):
         super().__init__(student, teacher)

@@ -141,6 +141,31 @@ def check_recipe(cfg, distiller):
         raise UserError(f"DATASET.RESIZE {cfg.DATASET.RESIZE}: DISTILLER.TYPE {cfg.DISTILLER.TYPE} "
                         f"reads feature maps, whose modules are shaped at the data's own size; "
                         f"use DATASET.IMAGE_SIZE (resize in the dataset) or a logit method")
+    if cfg.DATASET.RESIZE:
+        check_resized_inputs(cfg, distiller)
+
+
+def check_resized_inputs(cfg, distiller):
+    """Every model takes DATASET.RESIZE-sided images (a ViT built for the data's own
+    size does not): each is run once on zeros at that size, as :meth:`probe` runs them.
+
+    Raises:
+        UserError: naming the model and the first line of what it raised.
+    """
+    from ..distillers.base import probe_features
+    size = cfg.DATASET.RESIZE
+    names = list(cfg.DISTILLER.TEACHERS) or [cfg.DISTILLER.TEACHER]
+    models = [("DISTILLER.STUDENT", cfg.DISTILLER.STUDENT, distiller.student)]
+    teachers = distiller.teacher_models()
+    models += [("DISTILLER.TEACHER" if len(teachers) == 1 else f"DISTILLER.TEACHERS[{index}]",
+                names[index], teacher) for index, teacher in enumerate(teachers)]
+    for key, name, model in models:
+        try:
+            probe_features(model, (3, size, size))
+        except Exception as error:      # whatever the model's own check raises
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UserError(f"DATASET.RESIZE {size}: {key} {name} does not take {size}x{size} "
+                            f"images ({reason}); choose a size it takes or another model") from None
 
 
 def check_combination(cfg, distiller):
