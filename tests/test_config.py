@@ -110,6 +110,9 @@ def test_default_run_name_and_config_differences():
                           "DISTILLER.STUDENT", "resnet8x4", "EXPERIMENT.SEED", "3"])
     assert default_run_name(cfg, ["SOLVER.LR", "0.1", "LOG.PREFIX", "/tmp/x"]) == \
         "kd,resnet32x4,resnet8x4,seed3,LR=0.1"
+    # A switch turned on is named with the method, so SD-KD and KD runs differ.
+    opts = ["DISTILLER.TYPE", "KD", "SDD.ENABLE", "True"]
+    assert default_run_name(load_cfg(None, opts), opts).startswith("kd+sdd,resnet32x4,")
     other = load_cfg(None, ["DISTILLER.TYPE", "KD", "SOLVER.EPOCHS", "5", "SOLVER.LR", "0.2"])
     assert config_differences(load_cfg(None, ["DISTILLER.TYPE", "KD"]), other) == ["SOLVER.LR"]
 

@@ -263,9 +263,12 @@ def default_run_name(cfg, opts=None):
     """A readable run folder name: method, teacher, student, seed and overrides.
 
     Example: ``kd,resnet32x4,resnet8x4,seed0,LR=0.1`` (several teachers:
-    ``kd,resnet56+wrn_40_2,resnet20,...``).
+    ``kd,resnet56+wrn_40_2,resnet20,...``; with SDD on: ``kd+sdd,...``).
     """
     method = cfg.DISTILLER.TYPE.lower()
+    # Switches turned on (SDD.ENABLE) are part of the method: kd+sdd.
+    method += "".join(f"+{section.lower()}" for section, node in cfg.items()
+                      if isinstance(node, dict) and node.get("ENABLE") is True)
     if method == "none":
         parts = ["vanilla", cfg.DISTILLER.STUDENT]
     else:
@@ -278,6 +281,8 @@ def default_run_name(cfg, opts=None):
         if key.startswith(skip) or key in RESUMABLE_KEYS or key in (
                 "DISTILLER.TYPE", "DISTILLER.TEACHER", "DISTILLER.STUDENT"):
             continue
+        if key.count(".") == 1 and key.endswith(".ENABLE"):
+            continue                # a switch: named with the method above
         if isinstance(value, (list, tuple)):
             value = "-".join(str(v) for v in value)
         parts.append(f"{key.split('.')[-1]}={value}")
