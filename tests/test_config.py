@@ -112,7 +112,8 @@ def test_default_run_name_and_config_differences():
         "kd,resnet32x4,resnet8x4,seed3,LR=0.1"
     # A switch turned on is named with the method, so SD-KD and KD runs differ.
     opts = ["DISTILLER.TYPE", "KD", "SDD.ENABLE", "True"]
-    assert default_run_name(load_cfg(None, opts), opts).startswith("kd+sdd,resnet32x4,")
+    name = default_run_name(load_cfg(None, opts), opts)
+    assert name.startswith("kd+sdd,") and "ENABLE" not in name
     other = load_cfg(None, ["DISTILLER.TYPE", "KD", "SOLVER.EPOCHS", "5", "SOLVER.LR", "0.2"])
     assert config_differences(load_cfg(None, ["DISTILLER.TYPE", "KD"]), other) == ["SOLVER.LR"]
 
