@@ -269,6 +269,22 @@ def test_eval_picks_the_ema_checkpoint_of_a_run_folder(tmp_path):
     assert expand_paths([str(run_dir)]) == [str(run_dir / "student_best")]
 
 
+def test_eval_reports_what_the_run_measured_for_the_student_and_its_ema(cifar_root, teacher_file,
+                                                                        tmp_path):
+    from mdistill.analysis.eval_runs import evaluate_checkpoints
+    from mdistill.engine.launch import train
+    run_dir, history = train(CONFIG, tiny_opts(
+        cifar_root, tmp_path, "DISTILLER.TEACHER", "resnet20", "DISTILLER.STUDENT", "resnet8",
+        "DISTILLER.TEACHER_WEIGHTS", teacher_file, "EXPERIMENT.NAME", "run", "SOLVER.EPOCHS", "1",
+        "SOLVER.EMA.ENABLE", "True", "SOLVER.EMA.DECAY", "0.5", "DATASET.RESIZE", "24"))
+    (student,) = evaluate_checkpoints([run_dir], device="cpu")
+    (average,) = evaluate_checkpoints([run_dir], device="cpu", ema=True)
+    assert average["path"].endswith("student_ema_best")
+    assert student["loss"] == pytest.approx(history[-1]["test"]["loss"], rel=1e-5)
+    assert average["loss"] == pytest.approx(history[-1]["test_ema"]["loss"], rel=1e-5)
+    assert student["loss"] != pytest.approx(average["loss"], rel=1e-5)
+
+
 # ------------------------------------------------------------------ warm-up
 def solver(**values):
     node = get_cfg().SOLVER

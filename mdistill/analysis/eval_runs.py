@@ -12,6 +12,7 @@ from ..data import build_test_loader
 from ..engine.builder import build_configured_dataset, resolve_device
 from ..engine.checkpoint import extract_state_dict, load_checkpoint, load_model_weights
 from ..engine.evaluate import evaluate
+from ..engine.recipe import resize_images
 from ..errors import UserError
 from ..models import build_model
 
@@ -106,7 +107,10 @@ def evaluate_checkpoints(patterns, model=None, dataset=None, cfg_path=None, data
                               image_size=data.image_size, small_input=cfg.MODEL.SMALL_INPUT)
         load_model_weights(network, extract_state_dict(checkpoint, path), target.model, path)
         network.to(device).eval()
-        metrics = evaluate(lambda image: network(image)[0], loader, device)
+        # A run trained on resized images (DATASET.RESIZE) is evaluated as it evaluated itself.
+        size = cfg.DATASET.RESIZE if target.cfg is not None else 0
+        metrics = evaluate(lambda image: network(resize_images(image, size) if size else image)[0],
+                           loader, device)
         row = {"path": path, "model": target.model, "dataset": target.dataset,
                "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
                "params": sum(p.numel() for p in network.parameters())}
