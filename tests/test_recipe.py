@@ -311,6 +311,20 @@ def test_warmup_multiplies_the_schedule_per_epoch_and_per_step():
         cosine(5, 10), abs=1e-12)
 
 
+def test_the_trainer_warms_up_each_step(cifar_root, teacher_file, tmp_path):
+    cfg = tiny_cfg(cifar_root, tmp_path, teacher_file, "SOLVER.WARMUP_EPOCHS", "2",
+                   "SOLVER.WARMUP_PER_ITER", "True", "SOLVER.LR_SCHEDULER", "cosine")
+    trainer = tiny_trainer(cfg)
+    trainer.start_epoch(1)
+    steps = len(trainer.train_loader)
+    rates = []
+    for batch in trainer.train_loader:
+        trainer.run_step(batch)
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+    expected = [cfg.SOLVER.LR * (step / steps) / 2 for step in range(1, steps + 1)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+
+
 def test_warmup_composes_with_resume_segments_and_leaves_init_stages_alone():
     stages = [Stage("init", 3, schedule=False), Stage("distill", 10)]
     warm = solver(WARMUP_EPOCHS=4)

@@ -394,10 +394,12 @@ class Trainer:
     def evaluate_ema(self):
         """Evaluate the student's weight average as the student (SOLVER.EMA);
         returns ``{"test", "val"}`` (val None without a validation split), or None
-        when it is off. Every process holds the same average (its updates follow
-        the synchronised student), so no broadcast is needed."""
+        when it is off. Every process evaluates the average rank 0 saves: the
+        weights agree (the student's are synchronised), but each process's average
+        of BatchNorm statistics follows its own batches."""
         if self.ema is None:
             return None
+        broadcast_from_main(list(self.ema.module.buffers()))
         forward = self.recipe.test_transform(lambda image: self.ema.module(image)[0])
         test = evaluate(forward, self.test_loader, self.device)
         val = (evaluate(forward, self.val_loader, self.device)
