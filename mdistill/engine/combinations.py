@@ -21,6 +21,13 @@ from ..models import provided_outputs
 #: A config key in a message: upper-case words joined by dots (DISTILLER.TEACHERS[1]).
 CONFIG_KEY = re.compile(r"\b[A-Z][A-Z0-9_]*\.[A-Z][A-Z0-9_.]*")
 
+#: Where a model output comes from, for the message that refuses a model without it.
+OUTPUT_HINTS = {
+    "preact_feats": "torchvision: and timm: models expose no pre-activation maps",
+    "bn_stats": "torchvision: and timm: models expose no record of their BatchNorms",
+    "dist_logits": "a model with a distillation token gives them, e.g. "
+                   "timm:deit_tiny_distilled_patch16_224",
+}
 #: Update rules (SOLVER.TRAINER) that back-propagate the task loss on its own.
 NEEDS_TASK_LOSS = ("dot", "crd_dot")
 
@@ -67,10 +74,11 @@ def check_model_outputs(cfg, student_reads, teacher_reads, student, teachers, fe
     for role, key, name, model, reads in roles:
         missing = sorted(set(reads) - set(provided_outputs(model)))
         if missing:
+            hints = sorted({OUTPUT_HINTS[output] for output in missing if output in OUTPUT_HINTS})
             raise UserError(f"DISTILLER.TYPE {cfg.DISTILLER.TYPE} reads the {role}'s "
-                            f"{', '.join(missing)}, which {key} {name} does not give "
-                            f"(torchvision: and timm: models have no pre-activation maps or "
-                            f"BatchNorm records); choose another {role} or method")
+                            f"{', '.join(missing)}, which {key} {name} does not give"
+                            + (f" ({'; '.join(hints)})" if hints else "")
+                            + f"; choose another {role} or method")
 
 
 def check_switches(cfg, method):
@@ -197,8 +205,9 @@ def support_table():
 
     data = SimpleNamespace(num_classes=100, image_size=32, train_targets=torch.arange(200) % 100)
     rows = ["| method | reads of the teacher | teacher cache | several teachers, mean_probs "
-            "| mean_loss | SOLVER.TRAINER dot | torchvision:/timm: models |",
-            "|---|---|---|---|---|---|---|"]
+            "| mean_loss | SOLVER.TRAINER dot | torchvision:/timm: models "
+            "| Mixup, CutMix, label smoothing |",
+            "|---|---|---|---|---|---|---|---|"]
     for name in DISTILLERS.names():
         cfg = get_cfg()
         cfg.DISTILLER.TYPE = name
@@ -207,7 +216,7 @@ def support_table():
         teacher = build_model("resnet32x4", 100) if method.requires_teacher else None
         distiller = build_distiller(cfg, build_model("resnet8x4", 100), teacher, data)
         if teacher is None:
-            rows.append(f"| {name} | - | - | - | - | yes | yes |")
+            rows.append(f"| {name} | - | - | - | - | yes | yes | {soft_targets(distiller)} |")
             continue
         reads = set(distiller.teacher_reads)
         phases = bool(distiller.extra_phases())
@@ -222,8 +231,13 @@ def support_table():
                     & (reads | set(distiller.student_reads)) else "yes")
         rows.append(f"| {name} | {', '.join(sorted(reads))} | "
                     f"{'yes' if reads == {'logits'} else 'no (live teacher)'} | {probs} | "
-                    f"{loss} | {dot} | {external} |")
+                    f"{loss} | {dot} | {external} | {soft_targets(distiller)} |")
     return "\n".join(rows)
+
+
+def soft_targets(distiller):
+    """The table's verdict on Mixup, CutMix and label smoothing (:func:`check_recipe`)."""
+    return "no (reads the labels)" if distiller.reads_hard_labels else "yes"
 
 
 if __name__ == "__main__":
