@@ -18,13 +18,19 @@ from mdistill.models import build_model
 CONFIG = os.path.join(ROOT, "configs/cifar100/kd.yaml")
 
 
+#: Students for methods that need one the zoo has not (DeiT's distillation token).
+STUDENT_FOR = {"DEIT": ["DISTILLER.STUDENT", "timm:deit_tiny_distilled_patch16_224",
+                        "MODEL.SMALL_INPUT", "True"]}
+
+
 def make_trainer(method, cifar_root, teacher_file, run_dir, *extra):
     opts = tiny_opts(cifar_root, run_dir, "DISTILLER.TYPE", method, "DISTILLER.TEACHER",
                      "resnet20", "DISTILLER.STUDENT", "resnet8", "DISTILLER.TEACHER_WEIGHTS",
                      teacher_file, "CRD.NCE.K", "64", "CRD.FEAT.DIM", "16",
                      # ReviewKD's lists default to resnet32x4 -> resnet8x4's widths.
                      "REVIEWKD.IN_CHANNELS", "[16, 32, 64, 64]",
-                     "REVIEWKD.OUT_CHANNELS", "[16, 32, 64, 64]", *extra)
+                     "REVIEWKD.OUT_CHANNELS", "[16, 32, 64, 64]",
+                     *STUDENT_FOR.get(method, ()), *extra)
     experiment = build_experiment(load_cfg(CONFIG, opts))
     os.makedirs(run_dir, exist_ok=True)
     return Trainer(experiment, str(run_dir), log=lambda text: None)
