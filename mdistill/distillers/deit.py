@@ -81,7 +81,3 @@ class DeiT(Distiller):
         return logits, {"loss_ce": (1 - self.alpha) * F.cross_entropy(logits.float(), target),
                         "loss_kd": self.alpha * loss}
 
-    def forward_test(self, image):
-        """The mean of the class head's and the distillation head's logits, as DeiT."""
-        logits, feats = self.student(image)
-        return (logits + feats["dist_logits"]) / 2

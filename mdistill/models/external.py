@@ -438,6 +438,10 @@ class TimmClassifier(ExternalClassifier):
         given = {"feats": list(maps)} if maps else {}
         if self.has_dist_head:
             logits, pooled, given["dist_logits"] = self._two_heads(final)
+            if not self.training:
+                # As timm's eval mode (and DeiT's test): the mean of the two heads, so
+                # every evaluation (tools/eval.py, the weight average's) agrees.
+                logits = (logits + given["dist_logits"]) / 2
         else:
             logits, pooled = self._head(final)
         return logits, ExternalFeats(self.name, pooled_feat=pooled, **given)
@@ -445,8 +449,8 @@ class TimmClassifier(ExternalClassifier):
     def _two_heads(self, final):
         """``(class-head logits, its input, distillation-head logits)`` of a model
         with a distillation token: tokens 0 and 1 through their own heads, as
-        timm's distilled training mode returns them (its eval mode averages the
-        two; DEIT's ``forward_test`` does that)."""
+        timm's distilled training mode returns them (in eval mode :meth:`forward`
+        averages the two, as timm's does)."""
         network = self.network
         class_token = network.head_drop(final[:, 0])
         distillation_token = network.head_drop(final[:, 1])
