@@ -32,9 +32,19 @@ rm -rf "$OUT/digits_students"
 for seed in $SEEDS; do
   for method in $METHODS; do
     echo "== $method, seed $seed"
-    "$PYTHON" tools/train.py --cfg configs/digits/student.yaml LOG.PREFIX "$OUT" \
+    status=0
+    output=$("$PYTHON" tools/train.py --cfg configs/digits/student.yaml LOG.PREFIX "$OUT" \
       EXPERIMENT.PROJECT digits_students DISTILLER.TYPE "$method" EXPERIMENT.SEED "$seed" \
-      DISTILLER.TEACHER_WEIGHTS "$TEACHER_RUN/student_best" "$@" | grep -E "^(teacher|done)"
+      DISTILLER.TEACHER_WEIGHTS "$TEACHER_RUN/student_best" "$@" 2>&1) || status=$?
+    if [ "$status" -eq 2 ]; then
+      # Refused before the first step for this pair (DEIT needs a distillation token).
+      echo "skipped: $(echo "$output" | grep -E '^error:' | head -1)"
+      continue
+    elif [ "$status" -ne 0 ]; then
+      echo "$output" | tail -20
+      exit "$status"
+    fi
+    echo "$output" | grep -E "^(teacher|done)"
   done
 done
 "$PYTHON" tools/compare.py "$OUT/digits_students" --plot "$OUT/digits_students/curves.png"
