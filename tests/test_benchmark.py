@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT, tiny_opts
 from mdistill.distillers import DISTILLERS
 from mdistill.analysis.benchmark import benchmark_setting, whole_run
+from test_distillers import STUDENT_FOR
 
 CONFIG = os.path.join(ROOT, "configs/cifar100/kd.yaml")
 # The models and method options test_distillers.py trains every method with.
@@ -19,7 +20,7 @@ TINY = ["DISTILLER.TEACHER", "resnet20", "DISTILLER.STUDENT", "resnet8", "DEVICE
 
 @pytest.mark.parametrize("method", DISTILLERS.names())
 def test_every_method_runs_against_its_bare_models(method):
-    opts = TINY + ["DISTILLER.TYPE", method]
+    opts = TINY + ["DISTILLER.TYPE", method, *STUDENT_FOR.get(method, ())]
     logits_only = set(DISTILLERS.get(method).teacher_reads) == {"logits"}
     row = benchmark_setting(CONFIG, opts, iters=1, warmup=1, batch_size=8,
                             teacher_cache="warm" if logits_only else "off")
