@@ -41,6 +41,7 @@ from mdistill.engine.builder import build_experiment
 from mdistill.engine.trainer import Trainer
 from mdistill.errors import UserError
 from mdistill.models import build_model
+from mdistill.engine.launch import shutdown
 
 CONFIG = os.path.join(ROOT, "configs/cifar100/kd.yaml")
 NUM_CLASSES = 10
@@ -399,7 +400,7 @@ def _worker(rank, world, port, cells, folder, teacher_files, out):
         dist.barrier()
     with open(f"{out}.{rank}", "w") as handle:
         json.dump(results, handle)
-    dist.destroy_process_group()
+    shutdown()
 
 
 def test_every_two_process_cell_trains_or_is_refused(teacher_files, tmp_path):

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import ROOT, tiny_opts
+from mdistill.engine.launch import shutdown
 
 CONFIG = os.path.join(ROOT, "configs/cifar100/kd.yaml")
 
@@ -61,8 +62,7 @@ def _sync_worker(rank, world, port, opts, out_path):
         with open(out_path, "w") as handle:
             json.dump({"checks": checks, "buffers": buffers, "test": test,
                        "steps": trainer.global_step}, handle)
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
 
 
 def _spawn(target, world, *args):
@@ -154,8 +154,7 @@ def _node_worker(rank, world, port, base):
                           "DEVICE", "cpu"])
     data = load_dataset_once_per_node(cfg)
     assert len(data.train) == 16
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
 
 
 def test_each_node_downloads_the_dataset_once_by_its_local_rank_0(tmp_path):
@@ -180,8 +179,7 @@ def _logged_run_worker(rank, world, port, opts, run_dir, out_path):
     if rank == 0:
         with open(out_path, "w") as handle:
             json.dump({"same": same}, handle)
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
 
 
 def test_two_processes_log_the_accuracy_of_the_saved_student(cifar_root, teacher_file,
@@ -250,8 +248,7 @@ def _share_worker(rank, world, port, opts, method, out_path):
     state = _train_share(opts, method, rank, world)
     if rank == 0:
         torch.save(state, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
 
 
 @pytest.mark.parametrize("method,extra", [

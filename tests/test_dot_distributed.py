@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 
 from conftest import ROOT, tiny_opts
 from test_distributed import _join, free_port
+from mdistill.engine.launch import shutdown
 
 CONFIG = os.path.join(ROOT, "configs/cifar100/kd.yaml")
 STEPS, BATCH = 2, 16
@@ -40,8 +41,7 @@ def _worker(rank, world, port, opts, out_path):
     weights = train_dot(opts, rank, world)
     if rank == 0:
         torch.save(weights, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
 
 
 def test_dot_with_two_processes_equals_one_process(cifar_root, teacher_file, tmp_path):

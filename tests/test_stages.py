@@ -12,6 +12,7 @@ from mdistill.distillers.base import Stage
 from mdistill.distillers.kd import KD
 from mdistill.engine.builder import build_experiment
 from mdistill.engine.trainer import Trainer, lr_factor
+from mdistill.engine.launch import shutdown
 
 CONFIG = os.path.join(ROOT, "configs/cifar100/kd.yaml")
 
@@ -114,8 +115,7 @@ def _ddp_stage_worker(rank, world, port, opts, out_path):
     _join(rank, world, port)
     from mdistill.engine.launch import train
     train(CONFIG, opts)
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
     if rank == 0:
         with open(out_path, "w") as handle:
             handle.write("ok")

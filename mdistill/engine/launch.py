@@ -1,4 +1,5 @@
 """Start or resume one training run: process group, run folder, logging, trainer."""
+import gc
 import glob
 import json
 import os
@@ -440,7 +441,13 @@ def yaml_dict(cfg):
 
 
 def shutdown():
-    """Leave the process group (all processes at once)."""
+    """Leave the process group (all processes at once).
+
+    What still holds the group (a DistributedDataParallel wrapper's reducer,
+    kept alive by a reference cycle) is collected first, while the group is
+    whole: freed later, at the interpreter's exit, gloo's threads can abort
+    the process after the run has finished."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         barrier()
         dist.destroy_process_group()
