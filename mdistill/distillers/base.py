@@ -76,7 +76,8 @@ class Distiller(nn.Module):
 
     #: False for methods that train the student alone (the teacher is not built).
     requires_teacher = True
-    #: What the method reads of the teacher's outputs, a subset of :data:`OUTPUTS`.
+    #: What the method reads of the teacher's outputs, a subset of what models give
+    #: (:data:`mdistill.models.MODEL_OUTPUTS`, and ``dist_logits`` of a distillation token).
     #: The framework serves exactly these and decides from them, before the first
     #: step, what combines: a method that reads only ``logits`` may take its teacher
     #: from the teacher cache or from several teachers. The default (everything) is

@@ -39,8 +39,6 @@ from ..utils.batchnorm import batch_statistics as batch_statistics_of
 
 #: DISTILLER.TEACHER_REDUCE: how several teachers are combined.
 TEACHER_REDUCTIONS = CHOICES["DISTILLER.TEACHER_REDUCE"]
-#: What a model's outputs may hold, and so what a method may declare it reads.
-OUTPUTS = ("logits", "feats", "preact_feats", "pooled_feat", "bn_stats")
 
 
 def freeze(teacher):
