@@ -197,6 +197,31 @@ def test_deit_weights_the_two_heads_and_evaluates_their_mean(mode):
     assert student.network.head.weight.grad is None
 
 
+@pytest.mark.parametrize("method", ["NONE", "KD"])
+def test_a_distilled_token_student_trains_both_heads_when_the_method_reads_one(method):
+    """A method that reads only the logits trains a distillation-token student on
+    the mean of its two heads (timm's default), so the head its evaluation averages
+    in learns too; DeiT alone trains the class head on the labels."""
+    torch.manual_seed(0)
+    student = build_model(DEIT_STUDENT, 10, image_size=32)
+    teacher = build_model("resnet8", 10).eval() if method != "NONE" else None
+    distiller = DISTILLERS.get(method)(student, teacher).train()
+    assert student.training     # deit_tiny has no dropout: each forward sees the same tokens
+    image, target = torch.randn(3, 3, 32, 32), torch.tensor([4, 5, 6])
+    logits, losses = distiller.forward_train(image, target)
+    with torch.no_grad():
+        tokens = student.network.forward_features(image)
+        mean = (student.network.head(tokens[:, 0]) + student.network.head_dist(tokens[:, 1])) / 2
+    assert torch.allclose(logits, mean, atol=1e-5)
+    losses["loss_ce"].backward()
+    assert student.network.head.weight.grad.abs().sum() > 0
+    assert student.network.head_dist.weight.grad.abs().sum() > 0
+    # The same model under DEIT trains the class head on the labels alone.
+    deit = DISTILLERS.get("DEIT")(build_model(DEIT_STUDENT, 10, image_size=32),
+                                  build_model("resnet8", 10).eval())
+    assert deit.student.distilled_training and not student.distilled_training
+
+
 def test_deit_refuses_an_unknown_mode():
     with pytest.raises(UserError, match=r"^DEIT.MODE 'medium' is not one of hard, soft$"):
         DISTILLERS.get("DEIT")(build_model("resnet8", 10), build_model("resnet8", 10),

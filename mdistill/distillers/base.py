@@ -100,6 +100,11 @@ class Distiller(nn.Module):
     def __init__(self, student, teacher=None):
         super().__init__()
         self.student = student
+        # A student with a distillation token trains both heads on the labels (the
+        # mean of their logits, timm's default) unless the method reads the
+        # distillation head's own logits and trains it (DeiT).
+        if callable(getattr(student, "set_distilled_training", None)):
+            student.set_distilled_training("dist_logits" in self.student_reads)
         # A plain attribute, not a submodule: the teachers stay outside the state
         # dict, the optimizers, train()/eval() and DistributedDataParallel.
         self.teacher_source = LiveTeacher([teacher]) if teacher is not None else None

@@ -422,6 +422,10 @@ class TimmClassifier(ExternalClassifier):
         super().__init__(f"timm:{arch}", network)
         self.token_maps = transformer
         self.has_dist_head = isinstance(getattr(network, "head_dist", None), nn.Module)
+        # With a distillation token: whether training returns the class head's logits
+        # (the method trains the distillation head itself, DeiT) or, as timm's
+        # default, the mean of the two heads (both learn the labels).
+        self.distilled_training = False
         self.indices = (_evenly_spaced(len(network.blocks), VIT_STAGES) if transformer
                         else None)
         self.has_stages = callable(getattr(network, "forward_intermediates", None))
@@ -437,25 +441,32 @@ class TimmClassifier(ExternalClassifier):
             final, maps = network.forward_features(x), []
         given = {"feats": list(maps)} if maps else {}
         if self.has_dist_head:
-            logits, pooled, given["dist_logits"] = self._two_heads(final)
-            if not self.training:
+            logits, pooled, given["dist_logits"], distillation_token = self._two_heads(final)
+            if not (self.training and self.distilled_training):
                 # As timm's eval mode (and DeiT's test): the mean of the two heads, so
-                # every evaluation (tools/eval.py, the weight average's) agrees.
+                # every evaluation (tools/eval.py, the weight average's) agrees; in
+                # training too unless the method trains the distillation head.
                 logits = (logits + given["dist_logits"]) / 2
+                pooled = (pooled + distillation_token) / 2
         else:
             logits, pooled = self._head(final)
         return logits, ExternalFeats(self.name, pooled_feat=pooled, **given)
 
+    def set_distilled_training(self, enable=True):
+        """Train on the class head's logits and leave the distillation head to the
+        method (timm's ``set_distilled_training``); off, training reads the mean of
+        the two heads. A model without a distillation token ignores it."""
+        self.distilled_training = bool(enable)
+
     def _two_heads(self, final):
-        """``(class-head logits, its input, distillation-head logits)`` of a model
-        with a distillation token: tokens 0 and 1 through their own heads, as
-        timm's distilled training mode returns them (in eval mode :meth:`forward`
-        averages the two, as timm's does)."""
+        """``(class-head logits, its input, distillation-head logits, its input)``
+        of a model with a distillation token: tokens 0 and 1 through their own
+        heads, as timm's distilled training mode returns them."""
         network = self.network
         class_token = network.head_drop(final[:, 0])
         distillation_token = network.head_drop(final[:, 1])
         return (network.head(class_token), class_token,
-                network.head_dist(distillation_token))
+                network.head_dist(distillation_token), distillation_token)
 
     def _head(self, final):
         """``(logits, the classifier's input)`` from one call of the head, so the
