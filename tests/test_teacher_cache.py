@@ -47,6 +47,19 @@ def forget_entries(folder, every):
     return len(filled)
 
 
+def remember_result(folder, log, fake):
+    """Check the one remembered teacher test in ``folder`` is what ``log`` printed,
+    and replace its result with ``fake`` (so a run that reads it shows it)."""
+    path, = glob.glob(os.path.join(folder, "teacher-test-*.json"))
+    with open(path) as handle:
+        saved = json.load(handle)
+    assert f"test top-1 {saved['result']['top1']:.2f} " in log
+    saved["result"] = fake
+    with open(path, "w") as handle:
+        json.dump(saved, handle)
+    return saved["key"]
+
+
 def test_cold_warm_and_partly_warm_caches_train_exactly_as_the_live_teacher(
         cifar_root, teacher_file, tmp_path):
     cache = str(tmp_path / "cache")
@@ -54,11 +67,7 @@ def test_cold_warm_and_partly_warm_caches_train_exactly_as_the_live_teacher(
     cold, cold_history, cold_log = run_kd(cifar_root, teacher_file, tmp_path, "cold",
                                           "DISTILLER.TEACHER_CACHE", cache)
     # The teacher's test accuracy is remembered beside the cache file: the warm run reads it.
-    remembered, = glob.glob(os.path.join(cache, "teacher-*.test-*.json"))
-    with open(remembered) as handle:
-        assert f"test top-1 {json.load(handle)['top1']:.2f} " in cold_log
-    with open(remembered, "w") as handle:
-        json.dump({"top1": 55.5, "top5": 66.5, "loss": 1.0, "count": 80}, handle)
+    remember_result(cache, cold_log, {"top1": 55.5, "top5": 66.5, "loss": 1.0, "count": 80})
     warm, warm_history, warm_log = run_kd(cifar_root, teacher_file, tmp_path, "warm",
                                           "DISTILLER.TEACHER_CACHE", cache)
     assert "test top-1 55.50 top-5 66.50" in warm_log
@@ -225,3 +234,23 @@ def test_the_log_says_why_the_live_teacher_is_used(cifar_root, teacher_file, tmp
     assert ensemble.teacher_cache_note == ("teacher cache: off (several teachers; the live "
                                            "teachers are used)")
     assert not os.path.exists(tmp_path / "cache")
+
+
+def test_the_teachers_test_pass_is_remembered_for_a_method_the_cache_cannot_serve(
+        cifar_root, teacher_file, tmp_path):
+    """FitNet reads the teacher's maps (no logits cache), yet runs that share the
+    folder evaluate the teacher once; a different test set is evaluated afresh."""
+    cache = str(tmp_path / "cache")
+    _, _, first = run_kd(cifar_root, teacher_file, tmp_path, "first", "DISTILLER.TYPE", "FITNET",
+                         "DISTILLER.TEACHER_CACHE", cache)
+    assert "teacher cache: off (method FITNET uses more of the teacher" in first
+    key = remember_result(cache, first, {"top1": 55.5, "top5": 66.5, "loss": 1.0, "count": 80})
+    assert key["teacher"]["arch"] == "resnet20" and key["test"]["resize"] == 0
+    _, _, second = run_kd(cifar_root, teacher_file, tmp_path, "second", "DISTILLER.TYPE",
+                          "FITNET", "DISTILLER.TEACHER_CACHE", cache)
+    assert "test top-1 55.50 top-5 66.50" in second
+    # Another test batch size may round differently: not the same record.
+    _, _, third = run_kd(cifar_root, teacher_file, tmp_path, "third", "DISTILLER.TYPE",
+                         "FITNET", "DISTILLER.TEACHER_CACHE", cache, "DATASET.TEST.BATCH_SIZE", "7")
+    assert "test top-1 55.50" not in third
+    assert len(glob.glob(os.path.join(cache, "teacher-test-*.json"))) == 2

@@ -6,9 +6,13 @@
     python tools/train.py --resume-from output/cifar100_baselines/kd,resnet32x4,resnet8x4,seed0
     torchrun --nproc_per_node 4 tools/train.py --cfg configs/cifar100/kd.yaml
 """
-import argparse
-import os
-import sys
+import time
+
+STARTED = time.perf_counter()   # before the imports: they count as the run's start-up
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,7 +37,8 @@ def main(argv):
     if args.cfg is None and args.resume_from is None:
         parser.error("--cfg FILE is required (or --resume-from RUN_DIR)")
     try:
-        train(args.cfg, args.opts, resume=args.resume_from or args.resume or None)
+        train(args.cfg, args.opts, resume=args.resume_from or args.resume or None,
+              started=STARTED)
     except RunStopped as stopped:
         return stopped.exit_code        # 130 after SIGINT, 143 after SIGTERM
     finally:

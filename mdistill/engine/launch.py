@@ -21,7 +21,8 @@ from ..utils.dist import barrier, get_world_size, is_main_process
 from .builder import build_experiment, single_teacher_cfgs, teacher_weights_path
 from .checkpoint import load_checkpoint
 from .evaluate import evaluate
-from .teacher_cache import data_fingerprint, teacher_fingerprint
+from .recipe import BatchRecipe
+from .teacher_cache import remembered, teacher_fingerprint, teacher_test_key
 from .schedule import lr_factor, stage_at
 from .trainer import Trainer
 
@@ -263,13 +264,15 @@ class RunLog:
                 handle.write(text + "\n")
 
 
-def train(cfg_path=None, opts=(), resume=None):
+def train(cfg_path=None, opts=(), resume=None, started=None):
     """Train as ``tools/train.py`` does.
 
     Args:
         cfg_path: a YAML experiment file (optional with ``resume`` pointing at a run).
         opts: ``KEY VALUE`` overrides.
         resume: None (new run), True (the newest run of this config), or a run folder.
+        started: ``time.perf_counter()`` when the process started (its imports
+            count as start-up in timing.json); None: when this is called.
 
     Returns:
         ``(run_dir, history)``.
@@ -277,6 +280,7 @@ def train(cfg_path=None, opts=(), resume=None):
     Raises:
         RunStopped: SIGINT or SIGTERM stopped the run (a checkpoint is saved).
     """
+    started = time.perf_counter() if started is None else started
     init_distributed()
     saved_state, run_dir = None, None
     if resume and isinstance(resume, str) and cfg_path is None:
@@ -319,15 +323,17 @@ def train(cfg_path=None, opts=(), resume=None):
     log(f"student {cfg.DISTILLER.STUDENT}: "
         f"{sum(p.numel() for p in distiller.student.parameters()):,} parameters; method "
         f"{cfg.DISTILLER.TYPE} adds {distiller.get_extra_parameters():,}")
+    teacher_start = time.perf_counter()
     if distiller.teacher is not None and saved_state is None:
         names = list(cfg.DISTILLER.TEACHERS) or [cfg.DISTILLER.TEACHER]
         if len(names) > 1:
             log(f"teachers (DISTILLER.TEACHERS): {experiment.teacher_source}")
         for name, teacher in zip(names, distiller.teacher_models()):
-            result = evaluate_teacher(teacher, experiment)
+            result = evaluate_teacher(teacher, name, experiment)
             source = f" ({experiment.teacher_source})" if len(names) == 1 else ""
             log(f"teacher {name}{source}: test top-1 "
                 f"{result['top1']:.2f} top-5 {result['top5']:.2f}")
+    teacher_seconds = time.perf_counter() - teacher_start
     if experiment.teacher_cache_note:
         log(experiment.teacher_cache_note)
 
@@ -345,6 +351,7 @@ def train(cfg_path=None, opts=(), resume=None):
     if saved_state is not None:
         trainer.load_state_dict(saved_state)
         log(f"resumed from {run_dir}/latest at epoch {trainer.epoch}, step {trainer.global_step}")
+    loop_start = time.perf_counter()
     try:
         history = trainer.train()
     finally:
@@ -353,6 +360,9 @@ def train(cfg_path=None, opts=(), resume=None):
         if wandb_run is not None:
             wandb_run.finish()
     barrier()       # every process leaves together, after rank 0 has written its files
+    if is_main_process():
+        _write_timing(run_dir, log, loop_start - started - teacher_seconds, teacher_seconds,
+                      trainer.seconds, time.perf_counter() - started)
     if history is None:
         raise RunStopped(trainer.stop_signal, run_dir)
     if trainer.history:
@@ -398,16 +408,34 @@ def wait_for_event_file_order(run_dir, log):
         time.sleep(newest + 1 - time.time())
 
 
-def evaluate_teacher(teacher, experiment):
-    """The teacher's test accuracy; with a teacher cache (one process), remembered
-    beside its file, so runs that share the cache evaluate the teacher once."""
+def _write_timing(run_dir, log, startup, teacher, loop, total):
+    """Log where this session's wall time went and write it to the run's
+    timing.json (a resumed run's file holds its last session)."""
+    seconds = {"start_up": startup, "teacher_test": teacher, **loop}
+    seconds["other"] = total - sum(seconds.values())
+    seconds["total"] = total
+    log("time: " + ", ".join(f"{name.replace('_', '-')} {value:.1f} s"
+                             for name, value in seconds.items()))
+    write_json_atomically(os.path.join(run_dir, "timing.json"),
+                          {name: round(value, 3) for name, value in seconds.items()})
+
+
+def evaluate_teacher(teacher, name, experiment):
+    """The teacher's test accuracy, on the images as the student is evaluated
+    (DATASET.RESIZE). With DISTILLER.TEACHER_CACHE (one process, in-memory test
+    set) it is remembered in that folder, whatever the method: the runs of a
+    sweep that share the folder evaluate each teacher once."""
+    cfg, test = experiment.cfg, experiment.data.test
+    recipe = BatchRecipe.from_config(cfg, experiment.data.num_classes)
+
     def compute():
-        return evaluate(lambda image: teacher(image)[0], experiment.test_loader,
-                        experiment.device)
-    cache, test = experiment.distiller.teacher_cache, experiment.data.test
-    if cache is None or get_world_size() > 1 or not hasattr(test, "images"):
+        return evaluate(recipe.test_transform(lambda image: teacher(image)[0]),
+                        experiment.test_loader, experiment.device)
+    folder = cfg.DISTILLER.TEACHER_CACHE
+    if not folder or get_world_size() > 1 or not hasattr(test, "images"):
         return compute()
-    return cache.remembered("test", data_fingerprint(test.images), compute)
+    key = teacher_test_key(cfg, teacher, name, experiment.data, experiment.device)
+    return remembered(folder, key, compute)
 
 
 def _truncate_metrics(run_dir, state):

@@ -253,26 +253,6 @@ class TeacherCache:
             self.teacher_rows += size
             self.computed += chunk.numel()
 
-    def remembered(self, name, fingerprint, compute):
-        """``compute()``'s JSON-serialisable result, kept beside the cache file under
-        ``name`` and ``fingerprint`` and returned from there by later runs (the
-        teacher's test accuracy: its test-set pass costs 20% of a CIFAR epoch)."""
-        path = f"{os.path.splitext(self.path)[0]}.{name}-{fingerprint[:24]}.json"
-        try:
-            with open(path) as handle:
-                return json.load(handle)
-        except (OSError, ValueError):
-            pass
-        result = compute()
-        temporary = f"{path}.tmp{os.getpid()}"
-        try:
-            with open(temporary, "w") as handle:
-                json.dump(result, handle)
-            os.replace(temporary, path)
-        except OSError:
-            pass                # not remembered: computed again next time
-        return result
-
     # ---------------------------------------------------------------- report
     def reset_counts(self):
         """Start counting afresh (each epoch): views planned by :meth:`prefill`, those
@@ -304,6 +284,50 @@ class TeacherCache:
                 f"views stored, {stats['disk_mb']:.1f} MB")
         self.reset_counts()
         return text, stats
+
+
+def remembered(folder, key, compute):
+    """``compute()``'s JSON-serialisable result, kept in ``folder`` under ``key`` (a
+    JSON-serialisable description of everything the result depends on) and
+    returned from there by later runs with the same key; a file that cannot be
+    read or written is computed again (the result is the same, only slower)."""
+    text = json.dumps(key, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:24]
+    path = os.path.join(folder, f"teacher-test-{digest}.json")
+    try:
+        with open(path) as handle:
+            saved = json.load(handle)
+        if saved.get("key") == json.loads(text):
+            return saved["result"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    result = compute()
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(temporary, "w") as handle:
+            json.dump({"key": json.loads(text), "result": result}, handle)
+        os.replace(temporary, path)
+    except OSError:
+        pass                # not remembered: computed again next time
+    return result
+
+
+def teacher_test_key(cfg, teacher, name, data, device):
+    """What a teacher's test-set evaluation depends on: its weights and code, the
+    test images and labels and how they are fed (normalisation, batch, resize),
+    and the machine (other hardware or versions may round differently)."""
+    test = data.test
+    return {"teacher": {"arch": name, "weights": teacher_fingerprint(teacher),
+                        "code": code_fingerprint(teacher)},
+            "test": {"images": data_fingerprint(test.images),
+                     "targets": data_fingerprint(torch.as_tensor(test.targets)),
+                     "shape": list(test.images.shape), "mean": list(data.mean),
+                     "std": list(data.std),
+                     "batch_size": cfg.DATASET.TEST.BATCH_SIZE, "resize": cfg.DATASET.RESIZE},
+            "machine": {"device": machine_name(device), "torch": torch.__version__,
+                        "torchvision": installed_version("torchvision"),
+                        "timm": installed_version("timm")}}
 
 
 def _round_up(value, multiple):

@@ -124,6 +124,8 @@ class Trainer:
                                 for buffer in module.buffers()]
         # Called with "forward" and "step" as a step passes them (the benchmark times phases).
         self.phase_hook = None
+        # Wall seconds of this session in the loop's parts (the run's timing.json).
+        self.seconds = {"training": 0.0, "evaluation": 0.0, "checkpoints": 0.0}
         # Around the loop (engine/hooks.py): progress, the teacher source's work ahead
         # and report, periodic checkpoints.
         self.hooks = [ProgressHook(cfg.LOG.PRINT_FREQ), TeacherSourceHook(),
@@ -333,6 +335,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        hooks_start = time.perf_counter()
         for hook in self.hooks:
             hook.before_epoch(self)
         start, images = time.perf_counter(), 0
@@ -352,11 +355,15 @@ class Trainer:
             for hook in self.hooks:
                 hook.leave_epoch(self)
         elapsed = time.perf_counter() - start
+        # The hooks' work ahead (the teacher cache's prefill) counts as training here.
+        self.seconds["training"] += time.perf_counter() - hooks_start
         train = self.meter.means()
         if self.meter.scaler_skips:
             train["scaler_skipped_steps"] = self.meter.scaler_skips
+        start = time.perf_counter()
         test, val = self.evaluate_epoch()
         ema = self.evaluate_ema()
+        self.seconds["evaluation"] += time.perf_counter() - start
         record = {"epoch": epoch, "stage": stage.name, "lr": lr, "train": train, "test": test,
                   **({"val": val} if val is not None else {}),
                   **({"test_ema": ema["test"]} if ema is not None else {}),
@@ -369,7 +376,9 @@ class Trainer:
         self.log_epoch(record)
         for line in lines:
             self.log(line)
+        start = time.perf_counter()
         self.save(epoch_complete=True, test=test, val=val, ema=ema)
+        self.seconds["checkpoints"] += time.perf_counter() - start
         return True
 
     def evaluate_epoch(self):
