@@ -48,7 +48,7 @@ def test_resumed_steps_survive_an_earlier_event_file_of_the_same_second(
     os.rename(earlier, os.path.join(
         run_dir, f"events.out.tfevents.{now:010d}.{socket.gethostname()}.9999999.0"))
     clock = FrozenClock(now + 0.5)
-    fake_time = SimpleNamespace(time=clock.time, sleep=clock.sleep)
+    fake_time = SimpleNamespace(time=clock.time, sleep=clock.sleep, perf_counter=time.perf_counter)
     monkeypatch.setattr(launch, "time", fake_time)               # the wait's clock
     monkeypatch.setattr(event_file_writer, "time", fake_time)    # the file name's clock
     launch.train(KD, opts + ["SOLVER.EPOCHS", "2"], resume=True)  # steps 6-10
@@ -62,7 +62,8 @@ def test_resumed_steps_survive_an_earlier_event_file_of_the_same_second(
 def test_a_file_dated_far_ahead_is_not_waited_for_and_the_log_says_so(tmp_path, monkeypatch):
     from mdistill.engine import launch
     clock = FrozenClock(1_000_000.0)
-    monkeypatch.setattr(launch, "time", SimpleNamespace(time=clock.time, sleep=clock.sleep))
+    monkeypatch.setattr(launch, "time", SimpleNamespace(time=clock.time, sleep=clock.sleep,
+                                                       perf_counter=time.perf_counter))
     name = f"events.out.tfevents.{1_000_000 + 3600:010d}.host.1.0"
     (tmp_path / name).write_bytes(b"")
     lines = []
