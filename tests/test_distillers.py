@@ -93,9 +93,15 @@ def test_two_steps_through_the_trainer(method, cifar_root, teacher_file, tmp_pat
     assert fresh.global_step == trainer.global_step and fresh.train_loader.position == 2
 
 
+def is_sweep_spec(path):
+    """A tools/sweep.py spec (its configs, seeds, overrides), not an experiment."""
+    with open(path) as handle:
+        return any(line.startswith("configs:") for line in handle)
+
+
 CONFIGS = sorted(path for path in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"),
                                            recursive=True)
-                 if os.path.basename(path) != "_base_.yaml")
+                 if os.path.basename(path) != "_base_.yaml" and not is_sweep_spec(path))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
@@ -103,12 +109,15 @@ def test_every_config_loads_and_builds_its_distiller(path):
     cfg = load_cfg(path)
     imagenet = cfg.DATASET.TYPE == "imagenet"
     classes = 1000 if imagenet else 10 if cfg.DATASET.TYPE == "digits" else 100
-    data = SimpleNamespace(num_classes=classes, image_size=224 if imagenet else 32,
+    # Built as the builder builds them: for the images the models are fed.
+    size = cfg.DATASET.RESIZE or (224 if imagenet else 32)
+    data = SimpleNamespace(num_classes=classes, image_size=size,
                            train_targets=torch.arange(200) % classes)
-    dataset = cfg.DATASET.TYPE
-    student = build_model(cfg.DISTILLER.STUDENT, classes, dataset=dataset)
+    dataset, options = cfg.DATASET.TYPE, {"small_input": cfg.MODEL.SMALL_INPUT}
+    student = build_model(cfg.DISTILLER.STUDENT, classes, dataset=dataset, image_size=size,
+                          **options)
     method = DISTILLERS.get(cfg.DISTILLER.TYPE)
-    teacher = build_model(cfg.DISTILLER.TEACHER, classes, dataset=dataset) \
-        if method.requires_teacher else None
+    teacher = build_model(cfg.DISTILLER.TEACHER, classes, dataset=dataset, image_size=size,
+                          **options) if method.requires_teacher else None
     distiller = build_distiller(cfg, student, teacher, data)
     assert isinstance(distiller, method)

@@ -161,13 +161,30 @@ def test_resize_feeds_both_models_and_the_evaluation_at_the_new_size(cifar_root,
     assert all(image.shape[-2:] == (24, 24) for image, _ in student_seen[1:])
 
 
-def test_resize_is_refused_for_a_method_that_reads_feature_maps(cifar_root, teacher_file,
-                                                                tmp_path):
-    from mdistill.engine.builder import build_experiment
-    cfg = tiny_cfg(cifar_root, tmp_path, teacher_file, "DISTILLER.TYPE", "FITNET",
-                   "DATASET.RESIZE", "24")
-    with pytest.raises(UserError, match="^DATASET.RESIZE 24: DISTILLER.TYPE FITNET reads feature"):
-        build_experiment(cfg)
+@pytest.mark.parametrize("method, student, extra", [
+    ("OFA", "resnet8", ("OFA.STAGES", "[1, 2, 3]")),
+    ("OFA", "timm:test_vit", ("OFA.STAGES", "[1, 2]")),
+    ("FITNET", "resnet8", ()),
+    ("KD", "timm:test_vit", ())])
+def test_resize_builds_the_models_and_the_methods_modules_for_the_new_size(
+        method, student, extra, cifar_root, teacher_file, tmp_path):
+    """OFA-KD's CIFAR protocol resizes 32-px images to the teacher's 224: the models
+    (a ViT's patch grid) and the method's modules (OFA's branches, FitNet's
+    regressor) are built for the resized images, so feature methods train too."""
+    cfg = tiny_cfg(cifar_root, tmp_path, teacher_file, "DISTILLER.TYPE", method,
+                   "DISTILLER.STUDENT", student, "DATASET.RESIZE", "48", *extra)
+    trainer = tiny_trainer(cfg)
+    network = getattr(trainer.distiller.student, "network", None)
+    if network is not None:
+        assert tuple(network.patch_embed.img_size) == (48, 48)
+    seen = []
+    record_inputs(trainer.distiller.student, seen)
+    trainer.start_epoch(1)
+    values = trainer.run_step(next(iter(trainer.train_loader)))
+    assert values is not None and all(np.isfinite(list(values.values())))
+    assert seen[0][0].shape[-2:] == (48, 48)
+    test, _ = trainer.evaluate_epoch()
+    assert test["count"] > 0 and seen[-1][0].shape[-2:] == (48, 48)
 
 
 def test_resize_is_refused_naming_a_model_that_does_not_take_the_size():

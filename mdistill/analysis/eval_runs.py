@@ -103,12 +103,14 @@ def evaluate_checkpoints(patterns, model=None, dataset=None, cfg_path=None, data
                 data.test, batch_size, device, mean=data.mean, std=data.std,
                 num_workers=cfg.DATASET.NUM_WORKERS))
         data, loader = loaders[key]
+        # A run trained on resized images (DATASET.RESIZE) is built and evaluated at
+        # that size, as it evaluated itself.
+        size = cfg.DATASET.RESIZE if target.cfg is not None else 0
         network = build_model(target.model, data.num_classes, dataset=target.dataset,
-                              image_size=data.image_size, small_input=cfg.MODEL.SMALL_INPUT)
+                              image_size=size or data.image_size,
+                              small_input=cfg.MODEL.SMALL_INPUT)
         load_model_weights(network, extract_state_dict(checkpoint, path), target.model, path)
         network.to(device).eval()
-        # A run trained on resized images (DATASET.RESIZE) is evaluated as it evaluated itself.
-        size = cfg.DATASET.RESIZE if target.cfg is not None else 0
         metrics = evaluate(lambda image: network(resize_images(image, size) if size else image)[0],
                            loader, device)
         row = {"path": path, "model": target.model, "dataset": target.dataset,

@@ -272,14 +272,17 @@ def build_experiment(cfg, device=None, load_teacher_weights=True, data=None):
         data = load_dataset_once_per_node(cfg)
 
     torch.manual_seed(cfg.EXPERIMENT.SEED)
+    # The models are built, and the methods shape their modules, for the images they
+    # are fed: DATASET.RESIZE's side when the batches are resized on the device.
+    fed = replace(data, image_size=cfg.DATASET.RESIZE) if cfg.DATASET.RESIZE else data
     student = build_model(cfg.DISTILLER.STUDENT, data.num_classes, dataset=cfg.DATASET.TYPE,
-                          **model_options(cfg, data, "student"))
+                          **model_options(cfg, fed, "student"))
     teacher, source = None, ""
     if not method.requires_teacher and cfg.DISTILLER.TEACHERS:
         raise UserError(f"DISTILLER.TEACHERS is set but DISTILLER.TYPE {cfg.DISTILLER.TYPE} "
                         f"trains the student without a teacher; leave DISTILLER.TEACHERS empty")
     if method.requires_teacher:
-        teacher, source = build_teachers(cfg, data, load_teacher_weights)
+        teacher, source = build_teachers(cfg, fed, load_teacher_weights)
     memory_format = torch.channels_last if cfg.SOLVER.CHANNELS_LAST else torch.contiguous_format
     student.to(device, memory_format=memory_format)
     if teacher is not None:
@@ -290,7 +293,7 @@ def build_experiment(cfg, device=None, load_teacher_weights=True, data=None):
     check_model_outputs(cfg, method.student_reads, method.teacher_reads if teachers else (),
                         student, teachers, cfg.DISTILLER.FEATURE_TEACHER if len(teachers) > 1 else 0)
     try:
-        distiller = build_distiller(cfg, student, teacher, data, batch_rows=train_batch)
+        distiller = build_distiller(cfg, student, teacher, fed, batch_rows=train_batch)
     except UserError as error:
         # What a method finds wrong with its models (shapes, widths) names the models.
         if CONFIG_KEY.search(str(error)):

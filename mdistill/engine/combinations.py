@@ -115,8 +115,8 @@ def check_recipe(cfg, distiller):
             smoothing) for a method that reads the hard labels beyond its
             cross-entropy (DKD's target mask, CRD's positives, ...); the teacher
             cache with mixed or resized images (it holds the logits of the
-            loader's views); DATASET.RESIZE for a method that reads feature maps
-            (its modules were shaped from maps at the data's own size).
+            loader's views); DATASET.RESIZE for a model that does not take that
+            size (the models and the method's modules are built for it).
     """
     for key, value, low, high in (("DATASET.MIXUP.ALPHA", cfg.DATASET.MIXUP.ALPHA, 0, None),
                                   ("DATASET.CUTMIX.ALPHA", cfg.DATASET.CUTMIX.ALPHA, 0, None),
@@ -142,13 +142,6 @@ def check_recipe(cfg, distiller):
         raise UserError(f"{', '.join(mixed)}: the teacher's inputs are transformed on the device, "
                         f"but DISTILLER.TEACHER_CACHE holds the logits of the loader's views; "
                         f"set DISTILLER.TEACHER_CACHE ''")
-    maps = {"feats", "preact_feats", "bn_stats"}
-    reads = set(distiller.student_reads) | (set(distiller.teacher_reads)
-                                            if distiller.teacher is not None else set())
-    if cfg.DATASET.RESIZE and maps & reads:
-        raise UserError(f"DATASET.RESIZE {cfg.DATASET.RESIZE}: DISTILLER.TYPE {cfg.DISTILLER.TYPE} "
-                        f"reads feature maps, whose modules are shaped at the data's own size; "
-                        f"use DATASET.IMAGE_SIZE (resize in the dataset) or a logit method")
     if cfg.DATASET.RESIZE:
         check_resized_inputs(cfg, distiller)
 
