@@ -27,6 +27,18 @@ NEEDS = {
         ((0, 18), "the torchvision release built for torch 2.3 (each pins its torch)",
          "pyproject.toml", '"torch>=2.3"'),
     ],
+    "timm": [
+        ((1, 0), "forward_intermediates, the stage maps of timm:<name> models",
+         "mdistill/models/external.py", "network.forward_intermediates("),
+    ],
+    "submitit": [
+        ((1, 4, 6), "TorchDistributedEnvironment.export(..., overwrite=) for a job's tasks",
+         "mdistill/analysis/sweep.py", "export(set_cuda_visible_devices=False, overwrite=True)"),
+    ],
+    "optuna": [
+        ((3, 1), "JournalStorage with a file (JournalFileStorage; JournalFileBackend in 4.0)",
+         "mdistill/analysis/tune.py", "optuna.storages.JournalFileStorage"),
+    ],
     "matplotlib": [
         ((3, 5), "matplotlib.colormaps (tools/compare.py --plot)", "mdistill/analysis/plots.py",
          "from matplotlib import colormaps"),
@@ -35,13 +47,19 @@ NEEDS = {
 PYTHON = (3, 9)
 
 
+def release(parts):
+    """``(major, minor, patch)`` from version parts, a missing patch as 0."""
+    numbers = tuple(int(part) for part in parts)[:3]
+    return numbers + (0,) * (3 - len(numbers))
+
+
 def floors():
     """``{package: (major, minor)}`` from the ``>=`` pins in pyproject.toml."""
     with open(os.path.join(ROOT, "pyproject.toml")) as handle:
         text = handle.read()
     found = {}
     for name, version in re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9.]+)"', text):
-        found[name.lower()] = tuple(int(part) for part in version.split(".")[:2])
+        found[name.lower()] = release(version.split("."))
     python = re.search(r'requires-python\s*=\s*">=([0-9.]+)"', text).group(1)
     found["python"] = tuple(int(part) for part in python.split(".")[:2])
     return found
@@ -52,11 +70,11 @@ def test_the_floor_is_the_newest_release_an_api_in_use_needs(package):
     for version, what, path, fragment in NEEDS[package]:
         with open(os.path.join(ROOT, path)) as handle:
             assert fragment in handle.read(), f"{path} no longer uses {what}: drop the row"
-    needed = max(version for version, *_ in NEEDS[package])
+    needed = max(release(version) for version, *_ in NEEDS[package])
     assert floors()[package] == needed, (
         f"pyproject.toml pins {package}>={'.'.join(map(str, floors()[package]))}; the code "
         f"needs {'.'.join(map(str, needed))} "
-        f"({[what for version, what, *_ in NEEDS[package] if version == needed][0]})")
+        f"({[what for version, what, *_ in NEEDS[package] if release(version) == needed][0]})")
 
 
 def test_the_installed_releases_have_the_apis():
