@@ -246,6 +246,10 @@ def test_hparams_are_in_the_event_files(runs):
     assert start.hparams["method"].string_value == "KD"
     assert start.hparams["teacher"].string_value == "resnet20"
     assert start.hparams["KD.TEMPERATURE"].number_value == 4.0
+    # The recipe's keys tell runs apart too (off here).
+    assert {"ema", "ema_decay", "mixup", "cutmix", "label_smoothing", "resize", "warmup_epochs",
+            "clip_grad"} <= set(start.hparams)
+    assert start.hparams["ema"].bool_value is False and start.hparams["mixup"].number_value == 0
     best = accumulator.Scalars("hparam/best_top1")[-1].value
     assert best == pytest.approx(max(r["test"]["top1"] for r in metrics(folders[2])))
 
