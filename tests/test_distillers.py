@@ -110,7 +110,7 @@ def test_every_config_loads_and_builds_its_distiller(path):
     imagenet = cfg.DATASET.TYPE == "imagenet"
     classes = 1000 if imagenet else 10 if cfg.DATASET.TYPE == "digits" else 100
     # Built as the builder builds them: for the images the models are fed.
-    size = cfg.DATASET.RESIZE or (224 if imagenet else 32)
+    size = cfg.DATASET.RESIZE or cfg.DATASET.IMAGE_SIZE or (224 if imagenet else 32)
     data = SimpleNamespace(num_classes=classes, image_size=size,
                            train_targets=torch.arange(200) % classes)
     dataset, options = cfg.DATASET.TYPE, {"small_input": cfg.MODEL.SMALL_INPUT}
