@@ -296,3 +296,30 @@ def test_deterministic_mode_reproduces_a_run_exactly(cifar_root, teacher_file, t
         run_dir, _ = train(CONFIG, opts)
         histories.append([(r["train"], r["test"]) for r in metrics(run_dir)])
     assert histories[0] == histories[1]
+
+
+def test_each_run_records_where_its_time_went_and_compare_sums_it(runs, tmp_path):
+    prefix, folders = runs
+    parts = ("start_up", "teacher_test", "training", "evaluation", "checkpoints", "other")
+    files = []
+    for folder in folders:
+        with open(os.path.join(folder, "timing.json")) as handle:
+            seconds = json.load(handle)
+        assert set(seconds) == set(parts) | {"total"}
+        assert all(seconds[part] >= 0 for part in parts[:-1])
+        assert sum(seconds[part] for part in parts) == pytest.approx(seconds["total"], abs=0.01)
+        with open(os.path.join(folder, "log.txt")) as handle:
+            assert f"time: start-up {seconds['start_up']:.1f} s, teacher-test" in handle.read()
+        files.append(seconds)
+    from mdistill.analysis.compare import timing_summary
+    loaded = load_runs([str(prefix)])
+    text = timing_summary(loaded)
+    assert text.startswith(f"time of {len(folders)} run(s) (timing.json; 0 without one):")
+    training = sum(seconds["training"] for seconds in files)
+    assert f"| training | {training:.0f} s | {training / len(folders):.1f} s |" in text
+    path = os.path.join(folders[0], "timing.json")
+    os.rename(path, path + ".aside")
+    try:
+        assert "(timing.json; 1 without one)" in timing_summary(load_runs([str(prefix)]))
+    finally:
+        os.rename(path + ".aside", path)

@@ -460,6 +460,38 @@ def summarize(runs, warn=None):
     return groups
 
 
+TIMING_PARTS = ("start_up", "teacher_test", "training", "evaluation", "checkpoints", "other")
+
+
+def timing_summary(runs):
+    """Where the runs' wall time went, from each run's timing.json (its last
+    session): one line per part with the total over the runs, the mean per run
+    and the share of the total; runs without the file are counted and left out.
+
+    Returns:
+        The text, or "" when no run has a timing.json.
+    """
+    totals, counted = dict.fromkeys(TIMING_PARTS + ("total",), 0.0), 0
+    for run in runs:
+        try:
+            with open(os.path.join(run.path, "timing.json")) as handle:
+                seconds = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        counted += 1
+        for part in totals:
+            totals[part] += float(seconds.get(part, 0.0))
+    if not counted:
+        return ""
+    whole = max(totals["total"], 1e-9)
+    lines = [f"time of {counted} run(s) (timing.json; {len(runs) - counted} without one):",
+             "| part | total | per run | share |", "|---|---|---|---|"]
+    for part in TIMING_PARTS + ("total",):
+        lines.append(f"| {part.replace('_', '-')} | {_duration(totals[part])} | "
+                     f"{totals[part] / counted:.1f} s | {100 * totals[part] / whole:.1f}% |")
+    return "\n".join(lines)
+
+
 def _duration(seconds):
     if seconds < 120:
         return f"{seconds:.0f} s"
