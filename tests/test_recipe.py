@@ -187,6 +187,18 @@ def test_resize_builds_the_models_and_the_methods_modules_for_the_new_size(
     assert test["count"] > 0 and seen[-1][0].shape[-2:] == (48, 48)
 
 
+def test_the_teachers_test_pass_sees_the_resized_images(cifar_root, teacher_file, tmp_path):
+    from mdistill.engine.builder import build_experiment
+    from mdistill.engine.launch import evaluate_teacher
+    experiment = build_experiment(tiny_cfg(cifar_root, tmp_path, teacher_file,
+                                           "DATASET.RESIZE", "24"))
+    seen = []
+    record_inputs(experiment.distiller.teacher, seen)
+    result = evaluate_teacher(experiment.distiller.teacher, "resnet20", experiment)
+    assert result["count"] == len(experiment.data.test)
+    assert seen and all(image.shape[-2:] == (24, 24) for image, _ in seen)
+
+
 def test_resize_is_refused_naming_a_model_that_does_not_take_the_size():
     from mdistill.engine.combinations import check_resized_inputs
     from mdistill.models import build_model
