@@ -755,3 +755,50 @@ def test_from_config_maps_the_declared_keys():
     assert advkd.d_optimizer.param_groups[0]["lr"] == 1e-4
     with pytest.raises(UserError, match="GAN_LOSS"):
         build("ADVKD", "ADVKD.GAN_LOSS", "wgan")
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 4), (2, 3, 5)])
+def test_kdsvd_svd_gradient_is_torchs_where_the_singular_values_are_distinct(shape):
+    from mdistill.distillers.kdsvd import stable_svd
+    torch.manual_seed(0)
+    matrices = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    count = min(shape[1:])
+    weights_s = torch.randn(shape[0], count, dtype=torch.float64)
+    weights_v = torch.randn(shape[0], shape[2], count, dtype=torch.float64)
+
+    def loss(values, vectors):      # a function of V that does not depend on its signs
+        return (values * weights_s).sum() + (vectors.pow(2) * weights_v).sum()
+    ours = torch.autograd.grad(loss(*stable_svd(matrices)), matrices)[0]
+    _, values, vectors_h = torch.linalg.svd(matrices, full_matrices=False)
+    reference = torch.autograd.grad(loss(values, vectors_h.transpose(-2, -1)), matrices)[0]
+    assert torch.allclose(ours, reference, atol=1e-12)
+
+
+def test_kdsvd_gradient_stays_finite_on_zero_padded_images():
+    """Fashion-MNIST's 28 px images padded to 32 give first-stage maps with
+    near-zero columns whose singular values square to 0 in fp32: the plain SVD
+    gradient divides by the zero gap, and in the Fashion-MNIST table's first
+    KDSVD step it was NaN (so were the student's weights after it). Ours skips
+    those pairs: the student's gradient is finite and reaches its first layer."""
+    from mdistill.models import build_model
+    torch.manual_seed(0)
+    student, teacher = build_model("resnet8", 10), build_model("resnet20", 10)
+    image = torch.zeros(64, 3, 32, 32)
+    image[:, :, 2:30, 2:30] = torch.rand(64, 3, 28, 28)
+    distiller = DISTILLERS.get("KDSVD")(student, teacher.eval()).train()
+    _, losses = distiller.forward_train(image, torch.arange(64) % 10)
+    losses["loss_feat"].backward()
+    grad = student.conv1.weight.grad
+    assert torch.isfinite(losses["loss_feat"]) and torch.isfinite(grad).all()
+    assert grad.abs().sum() > 0
+
+
+def test_kdsvd_loss_does_not_raise_on_maps_that_are_not_finite():
+    """torch's SVD raises on NaN input; a diverged student then gets a NaN
+    cross-entropy, which the trainer reports, rather than a traceback."""
+    from mdistill.distillers.kdsvd import kdsvd_loss
+    student = [torch.full((2, 4, 4, 4), float("nan")), torch.randn(2, 8, 2, 2)]
+    teacher = [torch.randn(2, 4, 4, 4), torch.randn(2, 8, 2, 2)]
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.svd(student[0].reshape(2, 16, 4), full_matrices=False)
+    assert kdsvd_loss(student, teacher, k=1).shape == ()

@@ -12,6 +12,66 @@ def _finite(tensor):
     return torch.where(torch.isfinite(tensor), tensor, torch.zeros_like(tensor))
 
 
+class _StableSVD(torch.autograd.Function):
+    """Thin SVD ``A = U diag(S) V^T`` of ``[B, M, N]`` matrices whose backward
+    leaves out the pairs of (nearly) equal singular values.
+
+    The usual SVD gradient divides by ``s_j^2 - s_i^2``; maps with zero columns
+    (zero-padded images, dead ReLUs) have repeated zero singular values, and the
+    quotient makes every gradient entry NaN. As the authors' TensorFlow code
+    (sseung0703/SSKD_SVD's own SVD gradient), such pairs contribute nothing, and
+    so do singular values too small to invert; otherwise this is the exact
+    gradient through ``S`` and ``V`` (``U`` is not used by the loss).
+    """
+
+    @staticmethod
+    def forward(ctx, matrices):
+        u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+        v = vh.transpose(-2, -1)
+        ctx.save_for_backward(u, s, v)
+        return s, v
+
+    @staticmethod
+    def backward(ctx, grad_s, grad_v):
+        u, s, v = ctx.saved_tensors
+        squared = s.pow(2)
+        scale = squared.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+        tiny = torch.finfo(s.dtype).eps * scale
+        gap = squared.unsqueeze(-2) - squared.unsqueeze(-1)       # [i, j] = s_j^2 - s_i^2
+        safe_gap = torch.where(gap.abs() > tiny.unsqueeze(-1), gap, torch.ones_like(gap))
+        inverse = torch.where(gap.abs() > tiny.unsqueeze(-1), 1.0 / safe_gap,
+                              torch.zeros_like(gap))
+        inner = torch.zeros_like(gap)
+        extra = 0
+        if grad_v is not None:
+            vt_gv = v.transpose(-2, -1) @ grad_v
+            inner = s.unsqueeze(-1) * (inverse * (vt_gv - vt_gv.transpose(-2, -1)))
+            if v.shape[-2] > v.shape[-1]:
+                # Fewer rows than columns: V does not span the whole row space.
+                kept = s.abs() > tiny.sqrt()
+                inverse_s = torch.where(kept, 1.0 / torch.where(kept, s, torch.ones_like(s)),
+                                        torch.zeros_like(s))
+                rest = grad_v - v @ (v.transpose(-2, -1) @ grad_v)
+                extra = (u * inverse_s.unsqueeze(-2)) @ rest.transpose(-2, -1)
+        if grad_s is not None:
+            inner = inner + torch.diag_embed(grad_s)
+        return u @ inner @ v.transpose(-2, -1) + extra
+
+
+def stable_svd(matrices):
+    """``(singular values [B, K], right singular vectors [B, N, K])`` of ``[B, M, N]``
+    matrices (``K = min(M, N)``) with :class:`_StableSVD`'s gradient; NaNs when
+    the matrices are not finite, so the loss is non-finite and the trainer skips
+    or stops the step with its message, as for any such loss."""
+    try:
+        return _StableSVD.apply(matrices)
+    except torch.linalg.LinAlgError:
+        batch, rows, width = matrices.shape
+        count = min(rows, width)
+        return (matrices.new_full((batch, count), float("nan")),
+                matrices.new_full((batch, width, count), float("nan")))
+
+
 def top_singular(feature, count):
     """The top ``count`` right singular vectors and L2-normalised singular values.
 
@@ -26,8 +86,8 @@ def top_singular(feature, count):
     matrices = feature.reshape(batch, channels * height, width)
     # At least fp32 (SVD has no half-precision kernels); float64 stays float64.
     matrices = matrices.to(torch.promote_types(matrices.dtype, torch.float32))
-    _, values, vectors_h = torch.linalg.svd(matrices, full_matrices=False)
-    vectors = _finite(vectors_h.transpose(1, 2))[:, :, :count]
+    values, vectors = stable_svd(matrices)
+    vectors = _finite(vectors)[:, :, :count]
     values = _finite(values)[:, :count]
     return F.normalize(vectors, dim=1), F.normalize(values, dim=1)
 
