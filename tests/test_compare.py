@@ -323,3 +323,21 @@ def test_each_run_records_where_its_time_went_and_compare_sums_it(runs, tmp_path
         assert "(timing.json; 1 without one)" in timing_summary(load_runs([str(prefix)]))
     finally:
         os.rename(path + ".aside", path)
+
+
+def test_a_switch_turned_on_is_its_own_row_named_as_the_run_folders():
+    """SD-KD runs (SDD.ENABLE) are not seeds of KD: the Fashion-MNIST table counted
+    a kd+sdd run as KD's seed 2 before."""
+    from mdistill.analysis.compare import Run
+    from mdistill.config import flatten_cfg, get_cfg
+    record = {"epoch": 1, "stage": "distill", "test": {"top1": 50.0, "top5": 90.0},
+              "best_top1": 50.0}
+    runs = []
+    for sdd in (False, True):
+        cfg = get_cfg()
+        cfg.DISTILLER.TYPE, cfg.SDD.ENABLE = "KD", sdd
+        runs.append(Run(f"/runs/{sdd}", flatten_cfg(cfg), [record]))
+    warnings = []
+    groups = summarize(runs, warn=warnings.append)
+    assert [group.method for group in groups] == ["KD", "KD+SDD"] and not warnings
+    assert all(group.settings == {} for group in groups)

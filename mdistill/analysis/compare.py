@@ -62,12 +62,20 @@ class Run:
     records: list = field(default_factory=list)
 
     @property
+    def switches(self):
+        """The switch sections turned on (``SDD`` for SD-KD), in config order."""
+        return [key.split(".")[0] for key, value in self.config.items()
+                if key.count(".") == 1 and key.endswith(".ENABLE") and value is True
+                and key.split(".")[0] in _method_sections()]
+
+    @property
     def method(self):
-        return self.config["DISTILLER.TYPE"]
+        """DISTILLER.TYPE, with the switches turned on: ``KD+SDD`` (as run names)."""
+        return "+".join([self.config["DISTILLER.TYPE"], *self.switches])
 
     @property
     def is_student_alone(self):
-        return self.method.upper() == "NONE"
+        return self.config["DISTILLER.TYPE"].upper() == "NONE"
 
     @property
     def dataset(self):
@@ -149,7 +157,8 @@ class Run:
         """The config entries that make this run what it is: every key except the
         seed and :data:`NEUTRAL_KEYS`, and of the method sections only its own
         (a KD run's CRD.* values mean nothing). Values are hashable."""
-        sections, own = _method_sections(), self.method.upper()
+        sections = _method_sections()
+        own = {self.config["DISTILLER.TYPE"].upper(), *self.switches}
         items = {}
         for key, value in self.config.items():
             section = key.split(".")[0]
@@ -157,7 +166,7 @@ class Run:
             unused_teacher = key == "DISTILLER.TEACHER" and (
                 self.is_student_alone or self.config["DISTILLER.TEACHERS"])
             if (key in NEUTRAL_KEYS or key.startswith(NEUTRAL_SECTIONS) or unused_teacher
-                    or (section in sections and section != own)):
+                    or (section in sections and section not in own)):
                 continue
             items[key] = tuple(value) if isinstance(value, list) else value
         return items
