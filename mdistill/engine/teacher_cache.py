@@ -315,7 +315,8 @@ def remembered(folder, key, compute):
 
 def teacher_test_key(cfg, teacher, name, data, device):
     """What a teacher's test-set evaluation depends on: its weights and code, the
-    test images and labels and how they are fed (normalisation, batch, resize),
+    test images and labels and how they are fed (normalisation, batch, resize,
+    memory format),
     and the machine (other hardware or versions may round differently)."""
     test = data.test
     return {"teacher": {"arch": name, "weights": teacher_fingerprint(teacher),
@@ -324,7 +325,8 @@ def teacher_test_key(cfg, teacher, name, data, device):
                      "targets": data_fingerprint(torch.as_tensor(test.targets)),
                      "shape": list(test.images.shape), "mean": list(data.mean),
                      "std": list(data.std),
-                     "batch_size": cfg.DATASET.TEST.BATCH_SIZE, "resize": cfg.DATASET.RESIZE},
+                     "batch_size": cfg.DATASET.TEST.BATCH_SIZE, "resize": cfg.DATASET.RESIZE,
+                     "channels_last": cfg.SOLVER.CHANNELS_LAST},
             "machine": {"device": machine_name(device), "torch": torch.__version__,
                         "torchvision": installed_version("torchvision"),
                         "timm": installed_version("timm")}}
