@@ -38,8 +38,8 @@ class _StableSVD(torch.autograd.Function):
         scale = squared.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
         tiny = torch.finfo(s.dtype).eps * scale
         gap = squared.unsqueeze(-2) - squared.unsqueeze(-1)       # [i, j] = s_j^2 - s_i^2
-        safe_gap = torch.where(gap.abs() > tiny.unsqueeze(-1), gap, torch.ones_like(gap))
-        inverse = torch.where(gap.abs() > tiny.unsqueeze(-1), 1.0 / safe_gap,
+        apart = gap.abs() > tiny.unsqueeze(-1)
+        inverse = torch.where(apart, 1.0 / torch.where(apart, gap, torch.ones_like(gap)),
                               torch.zeros_like(gap))
         inner = torch.zeros_like(gap)
         extra = 0
@@ -60,9 +60,9 @@ class _StableSVD(torch.autograd.Function):
 
 def stable_svd(matrices):
     """``(singular values [B, K], right singular vectors [B, N, K])`` of ``[B, M, N]``
-    matrices (``K = min(M, N)``) with :class:`_StableSVD`'s gradient; NaNs when
-    the matrices are not finite, so the loss is non-finite and the trainer skips
-    or stops the step with its message, as for any such loss."""
+    matrices (``K = min(M, N)``) with :class:`_StableSVD`'s gradient; NaNs, not
+    torch's LinAlgError, when the matrices are not finite (a diverged student,
+    whose cross-entropy is then non-finite and the trainer reports the step)."""
     try:
         return _StableSVD.apply(matrices)
     except torch.linalg.LinAlgError:
